@@ -1,0 +1,38 @@
+"""Small helpers around ``torch.distributed`` process groups (no communication here)."""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+
+
+def group_size(group=None) -> int:
+    """World size of ``group`` (the default group if None); 1 when torch.distributed is not
+    initialised, so the same code runs on a single process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        if group is not None:
+            raise ValueError("a process group was given but torch.distributed is not initialised")
+        return 1
+    return dist.get_world_size(group)
+
+
+def group_rank(group=None) -> int:
+    """This process's rank inside ``group``; raises a ValueError if it is not a member."""
+    if not (dist.is_available() and dist.is_initialized()):
+        if group is not None:
+            raise ValueError("a process group was given but torch.distributed is not initialised")
+        return 0
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError(
+            f"global rank {dist.get_rank()} is not a member of the process group passed as "
+            f"group= (ranks {dist.get_process_group_ranks(group)}); pass the sequence-parallel "
+            f"group that contains this rank."
+        )
+    return rank
+
+
+def global_rank(group, rank: int) -> int:
+    """Global rank of ``rank`` in ``group`` (P2P ops address peers by global rank)."""
+    if group is None or group is dist.group.WORLD:
+        return rank
+    return dist.get_global_rank(group, rank)

@@ -1,0 +1,113 @@
+"""All P ranks of a ring in one process, without communication.
+
+Rank r's step s reads the K/V block of rank ``(r - s) % P`` straight from the list of blocks, and
+its dK/dV for that block are added to the owner's gradient. The per-step compute is the very code
+the distributed ring runs (``forward_step`` / ``backward_step``), so this serves fast unit tests
+with many ranks and per-rank timing on a single GPU (NCCL cannot put two ranks on one device).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .kernels import get_kernel
+from .layout import local_indices
+from .plan import RingPlan
+from .ring import accumulate_dtype, backward_step, check_qkv, check_tokens, forward_step, new_result
+
+
+class InProcessRing:
+    """The plans of every rank of a ring, and the means to run them in one process.
+
+    Args:
+        cu_seqlens, layout, causal, window_size, seqused, total: as for :class:`RingPlan`.
+        world_size (`int`): number of simulated ranks.
+
+    Example::
+
+        ring = InProcessRing(cu_seqlens, world_size=4)
+        qs, ks, vs = ring.shard(q), ring.shard(k), ring.shard(v)
+        out = ring.unshard(ring.attention(qs, ks, vs))   # == attention over the whole sequence
+    """
+
+    def __init__(self, cu_seqlens=None, *, world_size: int, layout: str = "zigzag", causal: bool = True,
+                 window_size: int | None = None, seqused=None, total: int | None = None):
+        self.plans = [
+            RingPlan(cu_seqlens, world_size=world_size, rank=r, layout=layout, causal=causal,
+                     window_size=window_size, seqused=seqused, total=total)
+            for r in range(world_size)
+        ]
+        self.world_size = world_size
+        self.num_steps = max(p.num_steps for p in self.plans)
+        plan = self.plans[0]
+        self._index = [local_indices(plan.bounds, layout, world_size, r) for r in range(world_size)]
+
+    def shard(self, x: torch.Tensor, dim: int = 0) -> list[torch.Tensor]:
+        """Every rank's part of the full tensor ``x``."""
+        return [x.index_select(dim, i.to(x.device)) for i in self._index]
+
+    def unshard(self, parts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
+        """The full tensor from every rank's part (differentiable)."""
+        index = torch.cat(self._index).to(parts[0].device)
+        return torch.cat(parts, dim=dim).index_select(dim, torch.argsort(index))
+
+    def forward_rank(self, rank, qs, ks, vs, kernel, softmax_scale=None):
+        """Rank ``rank``'s (out, lse), reading the other ranks' K/V blocks directly."""
+        q, P = qs[rank], self.world_size
+        out, lse = new_result(q)
+        calls = self.plans[rank].device_calls(q.device)
+        for step in range(self.num_steps):
+            src = (rank - step) % P
+            forward_step(q, ks[src], vs[src], calls[step], out, lse, kernel, softmax_scale)
+        return out.to(q.dtype), lse
+
+    def backward_rank(self, rank, douts, qs, ks, vs, outs, lses, dks, dvs, kernel, softmax_scale=None):
+        """Rank ``rank``'s dq; its dK/dV contributions are added to ``dks[src]``, ``dvs[src]``."""
+        q, P = qs[rank], self.world_size
+        dq = torch.zeros(q.shape, dtype=accumulate_dtype(q.dtype), device=q.device)
+        calls = self.plans[rank].device_calls(q.device)
+        for step in range(self.num_steps):
+            src = (rank - step) % P
+            grads = backward_step(douts[rank], q, ks[src], vs[src], outs[rank], lses[rank], calls[step],
+                                  dq, kernel, softmax_scale)
+            if grads is not None:
+                dks[src] += grads[0]
+                dvs[src] += grads[1]
+        return dq.to(q.dtype)
+
+    def attention(self, qs, ks, vs, *, softmax_scale=None, backend=None) -> list[torch.Tensor]:
+        """Every rank's ring attention output, differentiable with respect to all inputs."""
+        if not len(qs) == len(ks) == len(vs) == self.world_size:
+            raise ValueError(f"expected {self.world_size} shards of q, k and v, got {len(qs)}, {len(ks)}, {len(vs)}")
+        for plan, q, k, v in zip(self.plans, qs, ks, vs):
+            check_qkv(q, k, v)
+            check_tokens(q, plan.local_tokens, self.world_size)
+        kernel = get_kernel(backend, qs[0].device, qs[0].dtype)
+        tensors = [t.contiguous() for t in (*qs, *ks, *vs)]
+        return list(_InProcessFunction.apply(self, kernel, softmax_scale, *tensors))
+
+
+class _InProcessFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ring: InProcessRing, kernel, scale, *tensors):
+        P = ring.world_size
+        qs, ks, vs = tensors[:P], tensors[P:2 * P], tensors[2 * P:]
+        results = [ring.forward_rank(r, qs, ks, vs, kernel, scale) for r in range(P)]
+        outs = [o for o, _ in results]
+        ctx.save_for_backward(*tensors, *outs, *(l for _, l in results))
+        ctx.ring, ctx.kernel, ctx.scale = ring, kernel, scale
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *douts):
+        ring, P = ctx.ring, ctx.ring.world_size
+        saved = ctx.saved_tensors
+        qs, ks, vs, outs, lses = (saved[i * P:(i + 1) * P] for i in range(5))
+        douts = [d.contiguous() if d is not None else torch.zeros_like(o) for d, o in zip(douts, outs)]
+        acc = accumulate_dtype(qs[0].dtype)
+        dks = [torch.zeros(k.shape, dtype=acc, device=k.device) for k in ks]
+        dvs = [torch.zeros(v.shape, dtype=acc, device=v.device) for v in vs]
+        dqs = [ring.backward_rank(r, douts, qs, ks, vs, outs, lses, dks, dvs, ctx.kernel, ctx.scale) for r in range(P)]
+        dks = [d.to(k.dtype) for d, k in zip(dks, ks)]
+        dvs = [d.to(v.dtype) for d, v in zip(dvs, vs)]
+        return (None, None, None, *dqs, *dks, *dvs)

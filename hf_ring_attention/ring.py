@@ -1,0 +1,279 @@
+"""Ring attention: the forward and backward loops over ring steps, and the float32 merge.
+
+Legend: T local tokens, Hq query heads, Hkv key/value heads, D head dim; ``out_THD``, ``lse_HT``.
+
+Forward, on rank r (P ranks, plan from ``plan.py``)::
+
+    kv = own K/V block
+    for step in range(num_steps):
+        post: send kv to r+1, receive the next block from r-1      (overlaps the compute below)
+        for each kernel call of the step: merge its (out, lse) into the running result
+        kv = received block
+
+Backward recomputes every block from the merged out and lse (flash-attention style). dQ stays
+home; dK/dV of a block are accumulated in float32 while they travel around the ring with it, and
+the last hop sends them straight back to their owner.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+from .distributed import group_rank, group_size
+from .kernels import get_kernel
+from .plan import DeviceCall, RingPlan
+from .transport import RingComm
+
+NEG_INF = float("-inf")
+GRAD_TAG = 2  # dK/dV messages use tags 2, 3; K/V use 0, 1
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half-precision inputs, float64 for float64 (tests)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _take(x: torch.Tensor, rows, dim: int = 0) -> torch.Tensor:
+    if isinstance(rows, slice):
+        return x[rows] if dim == 0 else x[:, rows]
+    return x.index_select(dim, rows)
+
+
+def _add_rows_(acc: torch.Tensor, rows, value: torch.Tensor) -> None:
+    if isinstance(rows, slice):
+        acc[rows] += value
+    else:
+        acc.index_add_(0, rows, value.to(acc.dtype))
+
+
+def merge_(out_THD: torch.Tensor, lse_HT: torch.Tensor, rows, block_out: torch.Tensor, block_lse: torch.Tensor) -> None:
+    """Merge one block's partial attention into the running result, in place, in the dtype of
+    ``out_THD`` (float32): rows ``rows`` of (out, lse) become the attention over both key sets.
+
+    Rows with lse = -inf (no key seen yet, or none in this block) get weight 0 instead of NaN.
+    """
+    old_out, old_lse = _take(out_THD, rows), _take(lse_HT, rows, dim=1)
+    # naive: lse = log(exp(a) + exp(b)); out = exp(a - lse) * out_a + exp(b - lse) * out_b
+    lse = torch.logaddexp(old_lse, block_lse)
+    safe = lse.masked_fill(lse == NEG_INF, 0.0)
+    w_old = torch.exp(old_lse - safe).transpose(0, 1).unsqueeze(-1)
+    w_new = torch.exp(block_lse - safe).transpose(0, 1).unsqueeze(-1)
+    out = old_out * w_old + block_out.to(out_THD.dtype) * w_new
+    if isinstance(rows, slice):
+        old_out.copy_(out)
+        old_lse.copy_(lse)
+    else:
+        out_THD.index_copy_(0, rows, out)
+        lse_HT.index_copy_(1, rows, lse)
+
+
+def forward_step(q, k, v, calls: list[DeviceCall], out_THD, lse_HT, kernel: ModuleType, scale) -> None:
+    """Attend ``q`` to one K/V block, merging every kernel call of the step into (out, lse)."""
+    for c in calls:
+        block_out, block_lse = kernel.forward(
+            _take(q, c.q_rows), _take(k, c.k_rows), _take(v, c.k_rows), c.cu_seqlens_q,
+            c.cu_seqlens_k, c.max_seqlen_q, c.max_seqlen_k, c.causal, c.window, scale,
+        )
+        merge_(out_THD, lse_HT, c.q_rows, block_out, block_lse)
+
+
+def backward_step(dout, q, k, v, out, lse_HT, calls: list[DeviceCall], dq_THD, kernel: ModuleType, scale):
+    """Gradients for one K/V block: adds into ``dq_THD`` and returns this rank's (dk, dv) for
+    the block in the accumulation dtype (None when the step has no call)."""
+    if not calls:
+        return None
+    acc = dq_THD.dtype
+    dk = torch.zeros(k.shape, dtype=acc, device=k.device)
+    dv = torch.zeros(v.shape, dtype=acc, device=v.device)
+    for c in calls:
+        dq_c, dk_c, dv_c = kernel.backward(
+            _take(dout, c.q_rows), _take(q, c.q_rows), _take(k, c.k_rows), _take(v, c.k_rows),
+            _take(out, c.q_rows), _take(lse_HT, c.q_rows, dim=1).contiguous(), c.cu_seqlens_q,
+            c.cu_seqlens_k, c.max_seqlen_q, c.max_seqlen_k, c.causal, c.window, scale,
+        )
+        _add_rows_(dq_THD, c.q_rows, dq_c)
+        _add_rows_(dk, c.k_rows, dk_c)
+        _add_rows_(dv, c.k_rows, dv_c)
+    return dk, dv
+
+
+def new_result(q: torch.Tensor):
+    """Empty running result for ``q``: out zeros [T, Hq, D] and lse -inf [Hq, T]."""
+    acc = accumulate_dtype(q.dtype)
+    out = torch.zeros(q.shape, dtype=acc, device=q.device)
+    lse = torch.full((q.shape[1], q.shape[0]), NEG_INF, dtype=acc, device=q.device)
+    return out, lse
+
+
+@dataclass
+class _Ring:
+    """One rank's ring: the plan's calls on this device, the communicator and the kernel."""
+
+    calls: list[list[DeviceCall]]
+    num_steps: int
+    comm: RingComm
+    kernel: ModuleType
+    scale: float | None
+
+    def forward(self, q, k, v):
+        out, lse = new_result(q)
+        kv = [k, v]
+        for step in range(self.num_steps):
+            incoming = self.comm.shift(kv) if step + 1 < self.num_steps else None
+            forward_step(q, *kv, self.calls[step], out, lse, self.kernel, self.scale)
+            if incoming is not None:
+                kv = incoming.wait()
+        return out.to(q.dtype), lse
+
+    def backward(self, dout, q, k, v, out, lse):
+        dq = torch.zeros(q.shape, dtype=accumulate_dtype(q.dtype), device=q.device)
+        kv, dkv_in, last = [k, v], None, self.num_steps - 1
+        rank = self.comm.rank
+        for step in range(self.num_steps):
+            kv_in = self.comm.shift(kv) if step < last else None
+            dkv = backward_step(dout, q, *kv, out, lse, self.calls[step], dq, self.kernel, self.scale)
+            if dkv is None:
+                dkv = [torch.zeros(t.shape, dtype=dq.dtype, device=t.device) for t in kv]
+            if dkv_in is not None:
+                for mine, travelled in zip(dkv, dkv_in.wait()):
+                    mine += travelled
+            if last == 0:
+                return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
+            # the block of rank (rank - step) moves on; after the last step it goes home
+            if step < last:
+                dkv_in = self.comm.shift(list(dkv), tag=GRAD_TAG)
+            else:
+                dkv_in = self.comm.exchange(list(dkv), rank - step, rank + step, tag=GRAD_TAG)
+            if kv_in is not None:
+                kv = kv_in.wait()
+        dk, dv = dkv_in.wait()
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+class _RingFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, ring: _Ring):
+        out, lse = ring.forward(q, k, v)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.ring = ring
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        return (*ctx.ring.backward(dout.contiguous(), q, k, v, out, lse), None)
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Validate q, k, v against each other. Only facts that every rank of a correctly used group
+    shares, so all ranks raise together, before any communication."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            raise TypeError(f"{name} must be a [tokens, heads, head_dim] tensor, got {_describe(t)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating point tensor, got dtype {t.dtype}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not q.device == k.device == v.device:
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+        raise ValueError(
+            f"expected q [T, Hq, D] and k, v [T, Hkv, D] with the same T and D, got "
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        raise ValueError(
+            f"the number of query heads ({q.shape[1]}) must be a multiple of the number of "
+            f"key/value heads ({k.shape[1]})"
+        )
+
+
+def check_tokens(q: torch.Tensor, local_tokens: int, world_size: int) -> None:
+    if q.shape[0] != local_tokens:
+        raise ValueError(
+            f"this rank holds {q.shape[0]} tokens but cu_seqlens describe "
+            f"{local_tokens * world_size} tokens over {world_size} ranks, i.e. {local_tokens} per "
+            f"rank; pass this rank's shard (see hf_ring_attention.shard)"
+        )
+
+
+def _describe(t) -> str:
+    return f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def ring_attention_with_plan(q, k, v, plan: RingPlan, *, group=None, softmax_scale=None, backend=None):
+    """:func:`ring_attention` with a precomputed :class:`RingPlan` (reuse one plan for every
+    layer of a model: the plan is the only host work of the ring)."""
+    world_size, rank = group_size(group), group_rank(group)
+    if (plan.world_size, plan.rank) != (world_size, rank):
+        raise ValueError(
+            f"the plan was built for rank {plan.rank} of {plan.world_size}, but this is rank "
+            f"{rank} of {world_size} in the given group"
+        )
+    check_qkv(q, k, v)
+    check_tokens(q, plan.local_tokens, world_size)
+    kernel = get_kernel(backend, q.device, q.dtype)
+    ring = _Ring(plan.device_calls(q.device), plan.num_steps, RingComm(group, rank, world_size), kernel, softmax_scale)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _RingFunction.apply(q, k, v, ring)
+    return ring.forward(q, k, v)[0]
+
+
+def ring_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor | None = None,
+    *,
+    group=None,
+    layout: str = "zigzag",
+    causal: bool = True,
+    window_size: int | None = None,
+    softmax_scale: float | None = None,
+    backend: str | None = None,
+    seqused: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Exact attention over a sequence split across the ranks of ``group``.
+
+    Each rank passes its own shard (as made by :func:`shard`); K/V blocks travel around the ring
+    while every rank attends its queries to them, and partial results merge by log-sum-exp. The
+    result equals attention over the whole sequence on one device, up to rounding.
+
+    Args:
+        q (`torch.Tensor`): ``[tokens, Hq, head_dim]``, this rank's queries.
+        k (`torch.Tensor`): ``[tokens, Hkv, head_dim]``, this rank's keys (Hq a multiple of Hkv;
+            never repeat them for GQA).
+        v (`torch.Tensor`): ``[tokens, Hkv, head_dim]``, this rank's values.
+        cu_seqlens (`torch.Tensor`, *optional*): int32 global (unsharded) document boundaries,
+            identical on every rank; no token attends across them. None: one document.
+        group (`ProcessGroup`, *optional*): the sequence-parallel group; None is the default
+            group, or a single process when torch.distributed is not initialised.
+        layout (`str`): how the sequence was sharded: ``"zigzag"`` (default, balanced for causal
+            attention), ``"contiguous"`` or ``"striped"``.
+        causal (`bool`): query i sees keys j <= i of its document.
+        window_size (`int`, *optional*): transformers sliding window, query i sees key j iff
+            ``i - window_size < j <= i`` (symmetric ``|i - j| < window_size`` if not causal).
+        softmax_scale (`float`, *optional*): defaults to ``head_dim ** -0.5``.
+        backend (`str`, *optional*): ``"flash_attn"``, ``"torch"`` or ``"cpu"``; default from the
+            ``HF_RING_ATTENTION_BACKEND`` environment variable, else automatic.
+        seqused (`torch.Tensor`, *optional*): int32 real tokens per document, as returned by
+            :func:`pad_for_layout`; padding neither attends nor is attended to (its output is 0).
+
+    Returns:
+        `torch.Tensor`: ``[tokens, Hq, head_dim]``, this rank's attention output, differentiable
+        with respect to q, k and v.
+
+    The mask is planned on the host from ``cu_seqlens`` on every call; to reuse one plan across
+    layers build a :class:`RingPlan` once and call :func:`ring_attention_with_plan`.
+    """
+    world_size, rank = group_size(group), group_rank(group)
+    check_qkv(q, k, v)
+    plan = RingPlan(
+        cu_seqlens, world_size=world_size, rank=rank, layout=layout, causal=causal,
+        window_size=window_size, seqused=seqused, total=q.shape[0] * world_size,
+    )
+    return ring_attention_with_plan(q, k, v, plan, group=group, softmax_scale=softmax_scale, backend=backend)

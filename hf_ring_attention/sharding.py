@@ -1,0 +1,61 @@
+"""shard / unshard: move between a full packed tensor and this rank's part of it."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .distributed import group_rank, group_size
+from .layout import as_boundaries, local_indices
+
+
+def _indices(x: torch.Tensor, cu_seqlens, dim: int, group, layout: str, total: int):
+    world_size, rank = group_size(group), group_rank(group)
+    bounds = as_boundaries(cu_seqlens, total)
+    if bounds[-1] != total:
+        raise ValueError(
+            f"cu_seqlens[-1]={bounds[-1]} but the full sequence along dim {dim} has {total} tokens"
+        )
+    return bounds, world_size, rank
+
+
+def shard(x: torch.Tensor, cu_seqlens=None, *, dim: int = 0, group=None, layout: str = "zigzag") -> torch.Tensor:
+    """This rank's part of the full tensor ``x`` (no communication).
+
+    Args:
+        x (`torch.Tensor`): the full (unsharded) packed tensor, identical on every rank.
+        cu_seqlens (`torch.Tensor`, *optional*): int32 global document boundaries along ``dim``;
+            None means one document. Every document length must be a multiple of the layout's
+            need (2 x world size for zigzag, world size otherwise): see :func:`pad_for_layout`.
+        dim (`int`): the token dimension.
+        group (`ProcessGroup`, *optional*): the sequence-parallel group (None: default group).
+        layout (`str`): ``"zigzag"`` (default), ``"contiguous"`` or ``"striped"``.
+
+    Returns:
+        `torch.Tensor`: the tokens this rank holds, in local order, along ``dim``.
+    """
+    bounds, world_size, rank = _indices(x, cu_seqlens, dim, group, layout, x.shape[dim])
+    index = local_indices(bounds, layout, world_size, rank).to(x.device)
+    return x.index_select(dim, index)
+
+
+def unshard(x_local: torch.Tensor, cu_seqlens=None, *, dim: int = 0, group=None, layout: str = "zigzag") -> torch.Tensor:
+    """The full tensor, on every rank, from every rank's part (one all-gather).
+
+    Inverse of :func:`shard`: ``unshard(shard(x)) == x``. Differentiable when ``x_local``
+    requires grad (the gradient of the gathered tensor is summed back to the owning ranks).
+    """
+    world_size = group_size(group)
+    total = x_local.shape[dim] * world_size
+    bounds, world_size, _ = _indices(x_local, cu_seqlens, dim, group, layout, total)
+    index = torch.cat([local_indices(bounds, layout, world_size, r) for r in range(world_size)])
+    if world_size == 1:
+        parts = [x_local]
+    elif x_local.requires_grad and torch.is_grad_enabled():
+        import torch.distributed.nn.functional as dist_fn
+
+        parts = list(dist_fn.all_gather(x_local.contiguous(), group=group))
+    else:
+        parts = [torch.empty_like(x_local) for _ in range(world_size)]
+        dist.all_gather(parts, x_local.contiguous(), group=group)
+    return torch.cat(parts, dim=dim).index_select(dim, torch.argsort(index).to(x_local.device))

@@ -1,0 +1,108 @@
+"""The step planner: the union of planned block pairs is exactly the true mask."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hf_ring_attention import RingPlan
+from hf_ring_attention.layout import layout_multiple, local_indices
+from helpers import true_mask
+
+
+def covered(bounds, world_size, layout, causal, window, seqused=None):
+    """How many times the plans of all ranks cover each (global query, global key) pair, and
+    the smallest number of keys any planned query row sees."""
+    total = bounds[-1]
+    count = torch.zeros(total, total, dtype=torch.long)
+    min_keys = None
+    index = [local_indices(bounds, layout, world_size, r) for r in range(world_size)]
+    for rank in range(world_size):
+        plan = RingPlan(bounds, world_size=world_size, rank=rank, layout=layout, causal=causal,
+                        window_size=window, seqused=seqused)
+        for step, calls in enumerate(plan.steps):
+            src = (rank - step) % world_size
+            if calls:
+                assert step < plan.num_steps, "a step with work lies beyond num_steps"
+            for call in calls:
+                for s in call.segments:
+                    lq, lk = s.q1 - s.q0, s.k1 - s.k0
+                    rel = torch.arange(lk)[None, :] - torch.arange(lq)[:, None] - (lk - lq)
+                    seen = torch.ones(lq, lk, dtype=torch.bool)
+                    if s.left >= 0:
+                        seen &= rel >= -s.left
+                    if s.right >= 0:
+                        seen &= rel <= s.right
+                    rows = seen.sum(1)
+                    min_keys = int(rows.min()) if min_keys is None else min(min_keys, int(rows.min()))
+                    qi = index[rank][s.q0:s.q1]
+                    kj = index[src][s.k0:s.k1]
+                    count[qi[:, None], kj[None, :]] += seen.long()
+    return count, min_keys
+
+
+@st.composite
+def masks(draw):
+    world_size = draw(st.integers(1, 8))
+    layout = draw(st.sampled_from(["zigzag", "contiguous", "striped"]))
+    multiple = layout_multiple(layout, world_size)
+    lengths = draw(st.lists(st.integers(1, 4), min_size=1, max_size=4))
+    bounds = [0]
+    for n in lengths:
+        bounds.append(bounds[-1] + n * multiple)
+    causal = draw(st.booleans())
+    window = draw(st.one_of(st.none(), st.integers(1, 3 * multiple)))
+    seqused = None
+    if draw(st.booleans()):
+        seqused = [draw(st.integers(0, b - a)) for a, b in zip(bounds, bounds[1:])]
+    return bounds, world_size, layout, causal, window, seqused
+
+
+@settings(max_examples=150, deadline=None)
+@given(masks())
+def test_planned_pairs_cover_true_mask_exactly_once(case):
+    bounds, world_size, layout, causal, window, seqused = case
+    count, min_keys = covered(bounds, world_size, layout, causal, window, seqused)
+    expected = true_mask(bounds, causal, window, seqused).long()
+    assert torch.equal(count, expected)
+    assert min_keys is None or min_keys >= 1, "a planned query row sees no key"
+
+
+@pytest.mark.parametrize("world_size", [2, 4, 8])
+def test_zigzag_single_document_is_one_call_per_step(world_size):
+    # step 0: one causal call over both chunks; later steps: one full call of n x 2n or 2n x n
+    n = 3
+    bounds = [0, 2 * world_size * n]
+    for rank in range(world_size):
+        plan = RingPlan(bounds, world_size=world_size, rank=rank)
+        assert [len(calls) for calls in plan.steps] == [1] * world_size
+        first = plan.steps[0][0]
+        assert first.causal and first.segments == first.segments[:1]
+        assert (first.segments[0].q1 - first.segments[0].q0) == 2 * n
+        for calls in plan.steps[1:]:
+            (seg,) = calls[0].segments
+            assert calls[0].left == calls[0].right == -1
+            assert {seg.q1 - seg.q0, seg.k1 - seg.k0} == {n, 2 * n}
+
+
+def test_zigzag_balances_causal_work():
+    world_size, n = 4, 5
+    bounds = [0, 2 * world_size * n, 2 * world_size * n + 2 * world_size * 2]
+    work = []
+    for rank in range(world_size):
+        plan = RingPlan(bounds, world_size=world_size, rank=rank)
+        pairs = 0
+        for calls in plan.steps:
+            for call in calls:
+                for s in call.segments:
+                    lq, lk = s.q1 - s.q0, s.k1 - s.k0
+                    pairs += lq * lk if not call.causal else lq * (lq + 1) // 2 + lq * (lk - lq)
+        work.append(pairs)
+    assert len(set(work)) == 1, work
+
+
+def test_window_narrower_than_shard_skips_far_steps():
+    # window 2 on 4 ranks, contiguous 8-token shards: only the neighbour's block is ever needed
+    plan = RingPlan([0, 32], world_size=4, rank=2, layout="contiguous", window_size=2)
+    assert plan.num_steps == 2
+    assert all(not calls for calls in plan.steps[2:])

@@ -1,0 +1,96 @@
+"""Ring attention across real processes (gloo): exactness against float64 full attention, and
+bad input raising the same error on every rank before any communication."""
+
+import itertools
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from hf_ring_attention import pad_for_layout, ring_attention, shard, unshard
+from hf_ring_attention.layout import layout_multiple
+from helpers import assert_close, attention_reference, random_bounds, spawn
+
+
+def _exactness(rank, world_size):
+    gen = torch.Generator().manual_seed(0)  # the same full tensors on every rank
+    cases = itertools.product(["zigzag", "contiguous", "striped"], [True, False], [None, 3],
+                              [(8, 2), (4, 1)])
+    for layout, causal, window, (hq, hkv) in cases:
+        multiple = layout_multiple(layout, world_size)
+        bounds = random_bounds(gen, multiple, docs=3, max_chunks=3)
+        cu = torch.tensor(bounds, dtype=torch.int32)
+        q, dout = (torch.randn(bounds[-1], hq, 8, generator=gen) for _ in range(2))
+        k, v = (torch.randn(bounds[-1], hkv, 8, generator=gen) for _ in range(2))
+        local = [shard(t, cu, layout=layout).requires_grad_() for t in (q, k, v)]
+        out = ring_attention(*local, cu, layout=layout, causal=causal, window_size=window)
+        out.backward(shard(dout, cu, layout=layout))
+        qd, kd, vd = (t.double().requires_grad_() for t in (q, k, v))
+        ref = attention_reference(qd, kd, vd, bounds, causal, window)
+        ref.backward(dout.double())
+        what = f"rank {rank}/{world_size} {layout} causal={causal} window={window} heads={hq}/{hkv}"
+        assert_close(unshard(out, cu, layout=layout), ref, torch.float32, f"out {what}")
+        for name, t, full in zip("qkv", local, (qd, kd, vd)):
+            assert_close(unshard(t.grad, cu, layout=layout), full.grad, torch.float32, f"d{name} {what}")
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_matches_float64_attention_on_every_rank(world_size):
+    spawn(_exactness, world_size)
+
+
+def _padded_bf16_and_window_skip(rank, world_size):
+    gen = torch.Generator().manual_seed(1)
+    cu = torch.tensor([0, 5, 6, 19], dtype=torch.int32)  # odd lengths, a one-token document
+    x = torch.randn(19, 3, 4, 16, generator=gen).to(torch.bfloat16)
+    padded = pad_for_layout(x, cu, layout="zigzag")
+    q, k, v = (shard(padded.x[:, i], padded.cu_seqlens).requires_grad_() for i in range(3))
+    out = ring_attention(q, k, v, padded.cu_seqlens, seqused=padded.seqused)
+    ref = attention_reference(*(padded.x[:, i] for i in range(3)), padded.cu_seqlens.tolist(),
+                              seqused=padded.seqused.tolist())
+    assert_close(unshard(out, padded.cu_seqlens), ref, torch.bfloat16, f"rank {rank}")
+    out.float().sum().backward()
+    assert all(t.grad is not None and t.grad.isfinite().all() for t in (q, k, v))
+    # a window of 1 needs no K/V from any other rank: the ring stops after step 0
+    out = ring_attention(q.float(), k.float(), v.float(), padded.cu_seqlens, window_size=1)
+    assert_close(out, v.float(), torch.float32, "window 1")
+
+
+def test_padded_documents_bfloat16_and_window_of_one():
+    spawn(_padded_bf16_and_window_skip, 2)
+
+
+# --------------------------------------------------------------------------- bad input
+def _bad_inputs(rank, world_size):
+    q = torch.randn(8, 4, 8)
+    kv = torch.randn(8, 2, 8)
+    cu = torch.tensor([0, 8 * world_size], dtype=torch.int32)
+    bad = {
+        "not divisible": (lambda: ring_attention(q[:3], kv[:3], kv[:3], torch.tensor([0, 3 * world_size], dtype=torch.int32)),
+                          ValueError, f"multiple of {2 * world_size}.*pad_for_layout"),
+        "heads": (lambda: ring_attention(q[:, :3], kv, kv, cu), ValueError, r"query heads \(3\).*key/value heads \(2\)"),
+        "dtype": (lambda: ring_attention(q, kv.double(), kv.double(), cu), TypeError, "share one dtype"),
+        "cu_seqlens sum": (lambda: ring_attention(q, kv, kv, torch.tensor([0, 8, 24], dtype=torch.int32)),
+                           ValueError, f"holds 8 tokens but cu_seqlens describe 24 tokens over {world_size} ranks"),
+        "cu_seqlens dtype": (lambda: ring_attention(q, kv, kv, cu.float()), TypeError, "int32"),
+        "window": (lambda: ring_attention(q, kv, kv, cu, window_size=0), ValueError, "window_size"),
+        "layout": (lambda: ring_attention(q, kv, kv, cu, layout="spiral"), ValueError, "layout='spiral'"),
+        "seqused": (lambda: ring_attention(q, kv, kv, cu, seqused=torch.tensor([8 * world_size + 1], dtype=torch.int32)),
+                    ValueError, "seqused"),
+    }
+    if world_size > 2:  # a group this rank is not in: ranks 0 and 1 only
+        group = dist.new_group([0, 1])
+        if rank >= 2:
+            bad["group"] = (lambda: ring_attention(q, kv, kv, cu, group=group), ValueError, "not a member")
+    for name, (fn, exc, pattern) in bad.items():
+        with pytest.raises(exc, match=pattern):
+            fn()
+            print(f"rank {rank}: {name} did not raise", flush=True)
+    # after all that, every rank still communicates normally
+    out = ring_attention(q, kv, kv, torch.tensor([0, 8 * world_size], dtype=torch.int32))
+    assert out.shape == q.shape
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_bad_input_raises_on_every_rank_without_hanging(world_size):
+    spawn(_bad_inputs, world_size)

@@ -1,0 +1,102 @@
+"""Ring attention, all ranks in one process: outputs and gradients against float64 attention on
+the whole sequence, across layouts, masks, packing, padding, GQA/MQA and up to 8 ranks."""
+
+import itertools
+
+import pytest
+import torch
+
+from hf_ring_attention import InProcessRing, pad_for_layout
+from hf_ring_attention.layout import layout_multiple
+from hf_ring_attention.ring import merge_
+from helpers import assert_close, attention_reference, random_bounds
+
+LAYOUTS = ["zigzag", "contiguous", "striped"]
+HEADS = {"MHA": (4, 4), "GQA": (8, 2), "MQA": (4, 1)}
+
+
+def check_ring(bounds, world_size, layout, causal, window, heads, dtype, seqused=None, seed=0, head_dim=16):
+    gen = torch.Generator().manual_seed(seed)
+    total, (hq, hkv) = bounds[-1], heads
+    q = torch.randn(total, hq, head_dim, generator=gen).to(dtype)
+    k = torch.randn(total, hkv, head_dim, generator=gen).to(dtype)
+    v = torch.randn(total, hkv, head_dim, generator=gen).to(dtype)
+    dout = torch.randn(total, hq, head_dim, generator=gen).to(dtype)
+    used = None if seqused is None else torch.tensor(seqused, dtype=torch.int32)
+    ring = InProcessRing(torch.tensor(bounds, dtype=torch.int32), world_size=world_size,
+                         layout=layout, causal=causal, window_size=window, seqused=used)
+    shards = [[s.requires_grad_() for s in ring.shard(t)] for t in (q, k, v)]
+    outs = ring.attention(*shards)
+    torch.autograd.backward(outs, ring.shard(dout))
+    qd, kd, vd = (t.double().requires_grad_() for t in (q, k, v))
+    ref = attention_reference(qd, kd, vd, bounds, causal, window, seqused)
+    ref.backward(dout.double())
+    what = f"{layout} P={world_size} causal={causal} window={window} heads={heads} bounds={bounds}"
+    out = ring.unshard(outs)
+    assert out.dtype == dtype
+    assert_close(out, ref, dtype, f"out {what}")
+    for name, parts, full in zip("qkv", shards, (qd, kd, vd)):
+        assert_close(ring.unshard([p.grad for p in parts]), full.grad, dtype, f"d{name} {what}")
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_packed_documents_float32(world_size, layout, causal):
+    gen = torch.Generator().manual_seed(world_size)
+    multiple = layout_multiple(layout, world_size)
+    for heads, window in itertools.product(HEADS.values(), [None, 1, multiple // 2 + 1, 5 * multiple]):
+        # random document lengths, including documents of the minimum length
+        bounds = random_bounds(gen, multiple, docs=3)
+        check_ring(bounds, world_size, layout, causal, window, heads, torch.float32)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("heads", HEADS.values(), ids=HEADS.keys())
+def test_bfloat16_within_2e_2(layout, heads):
+    for world_size, window in [(2, None), (4, 3), (8, None)]:
+        multiple = layout_multiple(layout, world_size)
+        bounds = [0, 2 * multiple, 3 * multiple, 6 * multiple]
+        check_ring(bounds, world_size, layout, True, window, heads, torch.bfloat16)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_long_single_sequence_window_narrower_and_wider_than_a_shard(world_size, layout):
+    shard_len = 24
+    bounds = [0, shard_len * world_size]
+    for window in (shard_len // 3, 2 * shard_len + 5):
+        check_ring(bounds, world_size, layout, True, window, HEADS["GQA"], torch.float32)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_padding_neither_attends_nor_is_attended(layout, causal):
+    world_size = 4
+    lengths = [1, 13, 7, 2]  # odd and tiny documents, padded to the layout's multiple
+    cu = torch.tensor([0, 1, 14, 21, 23], dtype=torch.int32)
+    padded = pad_for_layout(torch.zeros(23), cu, world_size=world_size, layout=layout)
+    bounds = padded.cu_seqlens.tolist()
+    assert padded.seqused.tolist() == lengths
+    for window in (None, 3):
+        check_ring(bounds, world_size, layout, causal, window, HEADS["GQA"], torch.float32,
+                   seqused=lengths)
+
+
+def test_float64_is_exact_to_rounding():
+    check_ring([0, 16, 48], 4, "zigzag", True, 5, HEADS["GQA"], torch.float64)
+
+
+def test_merge_handles_rows_that_saw_nothing():
+    # rows 0: seen nothing yet + block sees nothing; 1: nothing yet + block; 2: both finite
+    out = torch.zeros(3, 1, 2)
+    lse = torch.tensor([[float("-inf"), float("-inf"), 0.5]])
+    out[2] = 1.0
+    block_out = torch.tensor([[[0.0, 0.0]], [[2.0, 3.0]], [[3.0, 3.0]]])
+    block_lse = torch.tensor([[float("-inf"), 1.0, 0.5]])
+    merge_(out, lse, slice(0, 3), block_out, block_lse)
+    assert not out.isnan().any() and not lse.isnan().any()
+    assert torch.equal(out[0], torch.zeros(1, 2)) and lse[0, 0] == float("-inf")
+    assert torch.equal(out[1], block_out[1]) and lse[0, 1] == 1.0
+    torch.testing.assert_close(out[2], torch.full((1, 2), 2.0))
+    torch.testing.assert_close(lse[0, 2], torch.tensor(0.5 + torch.log(torch.tensor(2.0)).item()))
