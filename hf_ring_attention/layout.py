@@ -45,9 +45,10 @@ def check_layout(layout: str) -> None:
 
 
 def layout_multiple(layout: str, world_size: int) -> int:
-    """The multiple that every document length must be for ``layout`` on ``world_size`` ranks."""
+    """The multiple that every document length must be for ``layout`` on ``world_size`` ranks
+    (1 on a single rank, where every layout is the identity)."""
     check_layout(layout)
-    return 2 * world_size if layout == "zigzag" else world_size
+    return 2 * world_size if layout == "zigzag" and world_size > 1 else world_size
 
 
 def as_boundaries(cu_seqlens, total: int | None = None) -> list[int]:
@@ -96,7 +97,7 @@ def rank_pieces(bounds: Sequence[int], layout: str, world_size: int, rank: int) 
     pieces, local = [], 0
     for a, b in zip(bounds, bounds[1:]):
         length = b - a
-        if layout == "contiguous":
+        if layout == "contiguous" or world_size == 1:
             n = length // world_size
             doc = [Piece(a + rank * n, n, 1, local)]
         elif layout == "striped":

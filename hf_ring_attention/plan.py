@@ -283,6 +283,9 @@ class RingPlan:
             raise ValueError(f"window_size must be a positive int or None, got {window_size!r}")
         self.bounds = as_boundaries(cu_seqlens, total)
         self.seqused = self._check_seqused(seqused)
+        longest = max(b - a for a, b in zip(self.bounds, self.bounds[1:]))
+        if window_size is not None and window_size >= longest:
+            window_size = None  # wider than every document: no effect, and cheaper to plan
         self.world_size, self.rank, self.layout = world_size, rank, layout
         self.causal, self.window_size = causal, window_size
         self.steps = plan_rank(self.bounds, self.seqused, layout, world_size, rank, causal, window_size)

@@ -50,12 +50,26 @@ def unshard(x_local: torch.Tensor, cu_seqlens=None, *, dim: int = 0, group=None,
     bounds, world_size, _ = _indices(x_local, cu_seqlens, dim, group, layout, total)
     index = torch.cat([local_indices(bounds, layout, world_size, r) for r in range(world_size)])
     if world_size == 1:
-        parts = [x_local]
-    elif x_local.requires_grad and torch.is_grad_enabled():
-        import torch.distributed.nn.functional as dist_fn
-
-        parts = list(dist_fn.all_gather(x_local.contiguous(), group=group))
+        gathered = x_local
     else:
-        parts = [torch.empty_like(x_local) for _ in range(world_size)]
-        dist.all_gather(parts, x_local.contiguous(), group=group)
-    return torch.cat(parts, dim=dim).index_select(dim, torch.argsort(index).to(x_local.device))
+        gathered = _AllGather.apply(x_local, dim, group)
+    return gathered.index_select(dim, torch.argsort(index).to(x_local.device))
+
+
+class _AllGather(torch.autograd.Function):
+    """Concatenate every rank's ``x`` along ``dim``. Backward: each rank's gathered tensor fed
+    its own loss, so the gradient of a part is the sum over ranks of that part's gradient."""
+
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        ctx.dim, ctx.group, ctx.size = dim, group, x.shape[dim]
+        return torch.cat(parts, dim=dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        rank = dist.get_rank(ctx.group)
+        return grad.narrow(ctx.dim, rank * ctx.size, ctx.size), None, None
