@@ -1,0 +1,160 @@
+"""patch_model + shard_batch: the patched model on P ranks gives the unpatched model's logits,
+loss and gradients on the whole batch on one process."""
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import hf_ring_attention as hra
+from helpers import rel_err, spawn
+from models import batches, reference_kwargs, tiny_model
+
+# float32 against float32: both sides round differently (block-wise softmax here, one softmax
+# there), a few ulps amplified through two layers; 1e-5 relative is far below any real error.
+TOL = 1e-5
+
+
+def _compare(model_kind, layout, world_size, rank, training):
+    reference = tiny_model(model_kind)
+    patched = hra.patch_model(copy.deepcopy(reference), layout=layout)
+    for m in (reference, patched):
+        m.train(training)
+    for name, batch in batches().items():
+        what = f"{model_kind} {layout} P={world_size} rank {rank} {name} train={training}"
+        ref = reference(**reference_kwargs(batch))
+        local = hra.shard_batch(batch, layout=layout)
+        with torch.set_grad_enabled(training):
+            out = patched(**local)
+        mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool()
+        logits = local["ring_batch"].gather(out.logits.detach())
+        assert rel_err(logits[mask], ref.logits.detach()[mask]) <= TOL, f"logits {what}"
+        loss = out.loss.detach().clone()
+        dist.all_reduce(loss)
+        assert abs(loss.item() - ref.loss.item()) <= TOL * abs(ref.loss.item()), f"loss {what}: {loss.item()} vs {ref.loss.item()}"
+        if not training:
+            assert not out.loss.requires_grad
+            continue
+        ref.loss.backward()
+        out.loss.backward()
+        for (pname, p), q in zip(reference.named_parameters(), patched.parameters()):
+            grad = q.grad.clone()
+            dist.all_reduce(grad)
+            assert rel_err(grad, p.grad) <= TOL, f"grad {pname} {what}: {rel_err(grad, p.grad):.2e}"
+        reference.zero_grad()
+        patched.zero_grad()
+
+
+def _parity(rank, world_size, kinds, layouts):
+    for kind in kinds:
+        for layout in layouts:
+            _compare(kind, layout, world_size, rank, training=True)
+    _compare(kinds[0], layouts[0], world_size, rank, training=False)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_llama_mistral_qwen_match_unpatched_model(world_size):
+    spawn(_parity, world_size, ["llama", "mistral", "qwen2", "qwen3"], ["zigzag"])
+
+
+def test_every_layout_matches_unpatched_model():
+    spawn(_parity, 2, ["mistral"], ["contiguous", "striped"])
+
+
+# ----------------------------------------------------------------------- single process
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
+def test_world_size_one_patched_equals_unpatched_with_and_without_shard_batch(kind):
+    reference = tiny_model(kind)
+    patched = hra.patch_model(copy.deepcopy(reference))
+    for name, batch in batches().items():
+        ref = reference(**reference_kwargs(batch))
+        mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool()
+        plain = patched(**reference_kwargs(batch))  # no shard_batch: structure from mask and positions
+        local = hra.shard_batch(batch)
+        sharded = patched(**local)
+        for out, logits in ((plain, plain.logits), (sharded, local["ring_batch"].gather(sharded.logits))):
+            assert rel_err(logits[mask], ref.logits[mask]) <= TOL, name
+            assert abs(out.loss.item() - ref.loss.item()) <= TOL * ref.loss.item(), name
+
+
+def test_patch_then_unpatch_restores_behaviour_bit_for_bit():
+    model = tiny_model("mistral")
+    batch = batches()["right padding"]
+    before = model(**batch).logits
+    previous = model.config._attn_implementation
+    assert hra.patch_model(model) is model and hra.patch_model(model) is model  # idempotent
+    assert model.config._attn_implementation == "hf_ring_attention" and hra.is_patched(model)
+    hra.unpatch_model(model)
+    assert model.config._attn_implementation == previous and not hra.is_patched(model)
+    assert torch.equal(model(**batch).logits, before)
+    assert not any(hasattr(m, "_ring_attention") for m in model.modules())
+
+
+def test_shift_labels_drop_targets_at_document_ends_and_padding():
+    ids = torch.arange(10)[None]
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3, 4]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 1, 0, 0]])
+    local = hra.shard_batch({"input_ids": ids, "position_ids": pos, "attention_mask": mask, "labels": ids})
+    rb = local["ring_batch"]
+    assert rb.seqused == [3, 2, 3] and rb.cu_seqlens == [0, 3, 5, 8]  # one rank: no layout padding
+    targets = rb.gather(local["shift_labels"][..., None], fill=-7)[0, :, 0].tolist()
+    assert targets == [1, 2, -100, 4, -100, 6, 7, -100, -7, -7]
+    assert local["num_items_in_batch"] == 5 == hra.count_targets({"input_ids": ids, "position_ids": pos,
+                                                                    "attention_mask": mask, "labels": ids})
+
+
+# ------------------------------------------------------------------------ refusals
+def test_unsupported_model_type_is_refused_at_patch_time():
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32))
+    with pytest.raises(NotImplementedError, match="model types .* got 'gpt2'"):
+        hra.patch_model(model)
+
+
+def test_dropout_in_training_is_refused():
+    model = tiny_model("llama")
+    model.config.attention_dropout = 0.1
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.1
+    hra.patch_model(model).train()
+    with pytest.raises(NotImplementedError, match=r"attention dropout \(0.1\)"):
+        model(**hra.shard_batch(batches()["one sequence"]))
+    model.eval()  # no dropout in evaluation: fine
+    model(**hra.shard_batch(batches()["one sequence"]))
+
+
+def test_output_attentions_and_kv_cache_are_refused():
+    model = hra.patch_model(tiny_model("llama"))
+    batch = batches()["one sequence"]
+    with pytest.raises(NotImplementedError, match="output_attentions"):
+        model(**hra.shard_batch(batch), output_attentions=True)
+    with pytest.raises(NotImplementedError, match="KV cache"):
+        model.generate(batch["input_ids"][:, :5], max_new_tokens=2, do_sample=False)
+
+
+def test_softcapping_and_sinks_are_refused_at_patch_time():
+    model = tiny_model("llama")
+    model.config.attn_logit_softcapping = 30.0
+    with pytest.raises(NotImplementedError, match="softcapping"):
+        hra.patch_model(model)
+    model = tiny_model("llama")
+    model.model.layers[0].self_attn.sinks = torch.nn.Parameter(torch.zeros(4))
+    with pytest.raises(NotImplementedError, match="sinks"):
+        hra.patch_model(model)
+
+
+def test_non_causal_attention_is_refused_at_patch_time():
+    model = tiny_model("qwen3")
+    model.model.layers[1].self_attn.is_causal = False
+    with pytest.raises(NotImplementedError, match="causal self-attention only"):
+        hra.patch_model(model)
+
+
+def test_bad_batches_are_refused_with_their_values():
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(1, 3\) but input_ids has shape \(1, 4\)"):
+        hra.shard_batch({"input_ids": torch.zeros(1, 4, dtype=torch.long), "attention_mask": torch.ones(1, 3)})
+    with pytest.raises(ValueError, match=r"does not know how to shard \['pixel_values'\]"):
+        hra.shard_batch({"input_ids": torch.zeros(1, 4, dtype=torch.long), "pixel_values": torch.zeros(1)})
+    with pytest.raises(ValueError, match="layout='ring'"):
+        hra.shard_batch({"input_ids": torch.zeros(1, 4, dtype=torch.long)}, layout="ring")
