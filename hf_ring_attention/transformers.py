@@ -48,6 +48,8 @@ class RingBatch:
         real_packed (`torch.Tensor`): packed position of every real token of the batch.
         real_flat (`torch.Tensor`): its position ``b * S + s`` in the original batch.
         group, layout, world_size, rank: the sequence-parallel setting.
+        fingerprint (`int`): a checksum of the full batch, to check that every rank of the group
+            was given the same one (:func:`check_same_batch`).
     """
 
     cu_seqlens: list[int]
@@ -59,6 +61,7 @@ class RingBatch:
     layout: str
     world_size: int
     rank: int
+    fingerprint: int = 0
     _plans: dict = field(default_factory=dict, repr=False)
 
     def plan(self, window_size: int | None) -> RingPlan:
@@ -145,7 +148,13 @@ def shard_batch(
     check_layout(layout)
     input_ids, mask, positions, targets = _check_batch(batch)
     b, s = input_ids.shape
-    bounds, lengths, real_flat, real_packed = _batch_structure(mask, positions, layout_multiple(layout, world_size))
+    multiple = layout_multiple(layout, world_size)
+    if world_size > 1 and s < multiple:
+        raise ValueError(
+            f"sequence length {s} is shorter than the {multiple} tokens that layout={layout!r} needs "
+            f"to give every one of {world_size} ranks a piece; use fewer sequence-parallel ranks"
+        )
+    bounds, lengths, real_flat, real_packed = _batch_structure(mask, positions, multiple)
     total = bounds[-1]
     pos = positions if positions is not None else torch.arange(s).expand(b, s)
 
@@ -171,8 +180,39 @@ def shard_batch(
     out["ring_batch"] = RingBatch(
         cu_seqlens=bounds, seqused=lengths, batch_shape=(b, s), real_packed=real_packed,
         real_flat=real_flat, group=group, layout=layout, world_size=world_size, rank=rank,
+        fingerprint=_fingerprint(input_ids, mask, targets),
     )
     return out
+
+
+def _fingerprint(*tensors) -> int:
+    """A cheap checksum of a batch (position-weighted sums, so permutations differ)."""
+    total = 0
+    for i, t in enumerate(tensors):
+        if t is not None:
+            flat = t.flatten().long()
+            weights = torch.arange(1, flat.numel() + 1, dtype=torch.long) % 1000003
+            total = (total * 31 + int((flat * weights).sum()) + 7 * (i + 1) * flat.numel()) % (1 << 61)
+    return total
+
+
+def check_same_batch(ring_batch: RingBatch, device=None) -> None:
+    """Raise on every rank of the sequence-parallel group if its ranks were not all given the
+    same full batch (one all-gather of a checksum)."""
+    import torch.distributed as dist
+
+    if ring_batch.world_size == 1:
+        return
+    mine = torch.tensor([ring_batch.fingerprint], dtype=torch.long, device=device)
+    every = [torch.empty_like(mine) for _ in range(ring_batch.world_size)]
+    dist.all_gather(every, mine, group=ring_batch.group)
+    values = [int(t) for t in every]
+    if len(set(values)) > 1:
+        raise ValueError(
+            f"the ranks of a sequence-parallel group were given different batches (checksums by "
+            f"rank: {values}); every rank of the group must load the same batch (use the same seed "
+            f"and data order, e.g. accelerate.utils.set_seed before building the dataloader)"
+        )
 
 
 def _check_batch(batch: dict):

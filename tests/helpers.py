@@ -87,6 +87,7 @@ def _worker(rank, world_size, port, fn, args):
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=60))
     try:
         fn(rank, world_size, *args)
+        dist.barrier()  # nobody tears the group down while a peer still talks to it
     except BaseException:
         traceback.print_exc()
         raise
@@ -98,3 +99,25 @@ def spawn(fn, world_size: int, *args) -> None:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo processes; fails if any rank
     fails. ``fn`` must be a module-level function."""
     mp.spawn(_worker, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True)
+
+
+def _launched(rank, world_size, port, fn, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    try:
+        fn(rank, world_size, *args)
+        if dist.is_initialized():
+            dist.barrier()  # nobody tears the group down while a peer still talks to it
+    except BaseException:
+        traceback.print_exc()
+        raise
+    finally:
+        if dist.is_initialized():  # exiting with a live gloo group can abort the process
+            dist.destroy_process_group()
+
+
+def launch(fn, world_size: int, *args) -> None:
+    """Like ``accelerate launch``/``torchrun``: ``world_size`` processes with the rank variables
+    set and no process group yet (``Accelerator(cpu=True)`` creates it)."""
+    mp.spawn(_launched, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True)

@@ -1,0 +1,113 @@
+"""Sequence-parallel training with the transformers ``Trainer``: :class:`RingAttentionCallback`.
+
+    ring = RingAttentionCallback(sp_size=2)
+    trainer = Trainer(model, args, train_dataset=ds, eval_dataset=eval_ds,
+                      data_collator=ring.data_collator(collator), callbacks=[ring])
+
+A callback cannot touch the batches (the Trainer passes none to it), so the callback comes with
+one companion piece, a collator wrapper: it shards each collated batch with ``shard_batch``. The
+callback builds the dp x sp process layout when the Trainer is created (so that the Trainer's data
+loader deals one batch per sequence-parallel group), patches the model, refuses what cannot be
+exact, and checks on the first steps that the ranks of a group received the same batch.
+
+Exactness follows from the Trainer's own bookkeeping: it counts the targets of the sharded
+``shift_labels`` on every rank and sums them over all processes (``num_items_in_batch`` over the
+gradient-accumulation micro-batches and all replicas), and scales the loss by the number of
+processes to undo DDP's averaging. In evaluation each rank's loss is scaled so that the Trainer's
+mean over processes is the batch's token mean.
+"""
+
+from __future__ import annotations
+
+from transformers import TrainerCallback, default_data_collator
+
+from .layout import check_layout
+from .parallel import ParallelLayout, check_trainable
+from .transformers import check_same_batch, count_targets, patch_model, shard_batch
+
+
+class RingAttentionCallback(TrainerCallback):
+    """Trains a transformers model with ring attention across sequence-parallel groups.
+
+    Args:
+        sp_size (`int`, *optional*): ranks per sequence-parallel group (consecutive ranks);
+            default: the ``HF_RING_ATTENTION_SP_SIZE`` environment variable, else every process.
+        layout (`str`): ``"zigzag"`` (default), ``"contiguous"`` or ``"striped"``.
+        backend (`str`, *optional*): kernel backend (see ``hf_ring_attention.kernels``).
+        check_batches (`int`): on this many first forward passes, check that every rank of a
+            group was given the same batch.
+    """
+
+    def __init__(self, sp_size: int | None = None, layout: str = "zigzag", backend: str | None = None,
+                 check_batches: int = 2):
+        check_layout(layout)
+        self.sp_size, self.layout, self.backend, self.check_batches = sp_size, layout, backend, check_batches
+        self.parallel: ParallelLayout | None = None
+        self._hook = None
+        self._checked = 0
+
+    @property
+    def group(self):
+        return self.parallel.group() if self.parallel is not None else None
+
+    def data_collator(self, collator=None) -> "ShardingCollator":
+        """The Trainer's ``data_collator``: ``collator`` (default: transformers'
+        ``default_data_collator``) followed by ``shard_batch``."""
+        return ShardingCollator(self, collator or default_data_collator)
+
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        from accelerate.state import AcceleratorState
+
+        pc = getattr(args, "parallelism_config", None)
+        if pc is not None and (pc.cp_enabled or pc.sp_enabled):
+            raise ValueError(
+                f"TrainingArguments.parallelism_config enables cp_size={pc.cp_size}, sp_size={pc.sp_size}; "
+                "RingAttentionCallback does sequence parallelism itself. Remove one of the two."
+            )
+        if args.world_size > 1 and not args.average_tokens_across_devices:
+            raise ValueError(
+                "RingAttentionCallback needs average_tokens_across_devices=True: the target count "
+                "of each rank's shard must be summed over all processes for an exact loss"
+            )
+        if model is None:
+            raise ValueError("RingAttentionCallback needs the Trainer's model")
+        check_trainable(model)
+        accelerator_state = AcceleratorState()
+        if self.parallel is None:
+            self.parallel = ParallelLayout.build(self.sp_size, accelerator_state.device.type,
+                                                 existing=accelerator_state.device_mesh)
+            # the Trainer's data loader then deals the same batch to the ranks of an sp group
+            accelerator_state.device_mesh = self.parallel.mesh
+        patch_model(model, group=self.group, layout=self.layout, backend=self.backend)
+        if self._hook is None and self.check_batches:
+            self._hook = model.register_forward_pre_hook(self._check_batch, with_kwargs=True)
+
+    def _check_batch(self, module, args, kwargs):
+        ring_batch = kwargs.get("ring_batch")
+        if ring_batch is not None and self._checked < self.check_batches:
+            self._checked += 1
+            check_same_batch(ring_batch, device=kwargs["input_ids"].device)
+        if self._checked >= self.check_batches and self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+
+class ShardingCollator:
+    """Collate features with ``collator``, then keep this rank's shard (``shard_batch``).
+
+    ``num_items_in_batch`` is set for evaluation (the Trainer replaces it during training):
+    the batch's target count divided by the group size, so that the mean of the ranks' losses,
+    which the Trainer reports, is the batch's token-mean loss."""
+
+    def __init__(self, callback: RingAttentionCallback, collator):
+        self.callback, self.collator = callback, collator
+
+    def __call__(self, features):
+        batch = self.collator(features)
+        batch = {k: v for k, v in batch.items() if v is not None}
+        callback = self.callback
+        if callback.parallel is None:
+            raise RuntimeError("pass the RingAttentionCallback to the Trainer's callbacks as well as its data_collator")
+        count = count_targets(batch)
+        return shard_batch(batch, group=callback.group, layout=callback.layout,
+                           num_items_in_batch=max(count, 1) / callback.parallel.sp_size)
