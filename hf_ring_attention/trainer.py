@@ -82,6 +82,14 @@ class RingAttentionCallback(TrainerCallback):
         if self._hook is None and self.check_batches:
             self._hook = model.register_forward_pre_hook(self._check_batch, with_kwargs=True)
 
+    def on_step_end(self, args, state, control, **kwargs):
+        # The Trainer's final train_loss adds the loss accumulated since the last log *without*
+        # averaging it over processes: fine for data parallelism, wrong for sequence parallelism
+        # (each rank holds only its tokens' share). Logging at the last step averages it.
+        if state.max_steps and state.global_step >= state.max_steps:
+            control.should_log = True
+        return control
+
     def _check_batch(self, module, args, kwargs):
         ring_batch = kwargs.get("ring_batch")
         if ring_batch is not None and self._checked < self.check_batches:
