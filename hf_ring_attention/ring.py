@@ -236,6 +236,7 @@ def ring_attention(
     softmax_scale: float | None = None,
     backend: str | None = None,
     seqused: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """Exact attention over a sequence split across the ranks of ``group``.
 
@@ -262,6 +263,8 @@ def ring_attention(
             ``HF_RING_ATTENTION_BACKEND`` environment variable, else automatic.
         seqused (`torch.Tensor`, *optional*): int32 real tokens per document, as returned by
             :func:`pad_for_layout`; padding neither attends nor is attended to (its output is 0).
+        dropout_p (`float`): must be 0: attention dropout is not supported (an exact backward
+            would need the random state of every block on every rank).
 
     Returns:
         `torch.Tensor`: ``[tokens, Hq, head_dim]``, this rank's attention output, differentiable
@@ -270,6 +273,8 @@ def ring_attention(
     The mask is planned on the host from ``cu_seqlens`` on every call; to reuse one plan across
     layers build a :class:`RingPlan` once and call :func:`ring_attention_with_plan`.
     """
+    if dropout_p:
+        raise ValueError(f"dropout_p={dropout_p}: attention dropout is not supported by ring attention; use 0.0")
     world_size, rank = group_size(group), group_rank(group)
     check_qkv(q, k, v)
     plan = RingPlan(

@@ -112,3 +112,31 @@ def test_training_matches_one_process(tmp_path, world_size, sp_size, accumulate,
         # after a few SGD steps the weights differ by lr x (gradient rounding): far below 1e-5
         err = ((got["state"][name] - ref).norm() / ref.norm()).item()
         assert err <= 1e-5, f"{name}: relative error {err:.2e}"
+
+
+def _bad_setups(rank, world_size):
+    from accelerate import Accelerator
+
+    from hf_ring_attention.accelerate import SequenceParallelPlugin
+    from hf_ring_attention.transformers import check_same_batch, shard_batch
+
+    accelerator = Accelerator(cpu=True)
+    with pytest.raises(ValueError, match=r"sp_size=3 must be a positive divisor of the number of processes \(2\)"):
+        SequenceParallelPlugin(sp_size=3).setup(accelerator)
+    model = tiny_model("llama")
+    model.config.attention_dropout = 0.1
+    with pytest.raises(ValueError, match=r"attention_dropout=0.1"):
+        SequenceParallelPlugin(sp_size=2).prepare(accelerator, model)
+    sp = SequenceParallelPlugin(sp_size=2)
+    sp.setup(accelerator)
+    with pytest.raises(ValueError, match="sequence length 3 is shorter than the 4 tokens"):
+        shard_batch({"input_ids": torch.zeros(1, 3, dtype=torch.long)}, group=sp.group)
+    # each rank loads a different batch: every rank raises, none hangs
+    ids = torch.full((1, 8), rank, dtype=torch.long)
+    with pytest.raises(ValueError, match="different batches"):
+        check_same_batch(shard_batch({"input_ids": ids}, group=sp.group)["ring_batch"])
+    check_same_batch(shard_batch({"input_ids": torch.zeros(1, 8, dtype=torch.long)}, group=sp.group)["ring_batch"])
+
+
+def test_bad_setups_are_refused_on_every_rank():
+    launch(_bad_setups, 2)

@@ -75,6 +75,8 @@ def _bad_inputs(rank, world_size):
         "cu_seqlens dtype": (lambda: ring_attention(q, kv, kv, cu.float()), TypeError, "int32"),
         "window": (lambda: ring_attention(q, kv, kv, cu, window_size=0), ValueError, "window_size"),
         "layout": (lambda: ring_attention(q, kv, kv, cu, layout="spiral"), ValueError, "layout='spiral'"),
+        "dropout": (lambda: ring_attention(q, kv, kv, cu, dropout_p=0.1), ValueError, "dropout_p=0.1.*not supported"),
+        "device": (lambda: ring_attention(q, kv.to("meta"), kv.to("meta"), cu), ValueError, "one device"),
         "seqused": (lambda: ring_attention(q, kv, kv, cu, seqused=torch.tensor([8 * world_size + 1], dtype=torch.int32)),
                     ValueError, "seqused"),
     }
