@@ -5,7 +5,19 @@ from .layout import LAYOUTS, Padded, pad_for_layout, unpad
 from .plan import RingPlan
 from .ring import ring_attention, ring_attention_with_plan
 from .sharding import shard, unshard
-from .transformers import RingBatch, count_targets, is_patched, patch_model, shard_batch, unpatch_model
+
+# The transformers integration imports transformers (a couple of seconds): load it on first use,
+# so that the ring itself stays cheap to import (spawned workers, benchmarks).
+_LAZY = {name: ".transformers" for name in
+         ("RingBatch", "count_targets", "is_patched", "patch_model", "shard_batch", "unpatch_model")}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "LAYOUTS",

@@ -57,13 +57,13 @@ class Call:
     def causal(self) -> bool:
         return self.left == -1 and self.right == 0
 
-    def rows(self, which: str):
+    def rows(self, which: str) -> slice | torch.Tensor:
         """Rows used from the query (``"q"``) or key (``"k"``) buffer: a slice when they are one
-        contiguous run, else a list of indices."""
+        contiguous run, else an int64 index tensor."""
         spans = [(s.q0, s.q1) if which == "q" else (s.k0, s.k1) for s in self.segments]
         if all(a == prev_b for (a, _), (_, prev_b) in zip(spans[1:], spans)):
             return slice(spans[0][0], spans[-1][1])
-        return [i for a, b in spans for i in range(a, b)]
+        return torch.cat([torch.arange(a, b) for a, b in spans])
 
     def cu_seqlens(self, which: str) -> list[int]:
         out = [0]
@@ -342,7 +342,7 @@ class RingPlan:
 def _to_device(call: Call, device) -> DeviceCall:
     def rows(which):
         r = call.rows(which)
-        return r if isinstance(r, slice) else torch.tensor(r, dtype=torch.long, device=device)
+        return r if isinstance(r, slice) else r.to(device)
 
     def cu(which):
         return torch.tensor(call.cu_seqlens(which), dtype=torch.int32, device=device)

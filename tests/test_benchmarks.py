@@ -1,0 +1,101 @@
+"""Smoke tests of benchmarks/: every script runs in its tiniest configuration as a subprocess,
+exits 0, and writes JSON with the expected keys and sane values. Timings are never asserted
+beyond being positive: CI machines are shared and noisy."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCHMARKS = os.path.join(ROOT, "benchmarks")
+
+
+def run_script(name: str, out, *args: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    cmd = [sys.executable, os.path.join(BENCHMARKS, name), "--out", str(out), *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
+    assert "machine:" in proc.stdout and "torch" in proc.stdout, proc.stdout
+    with open(out) as f:
+        payload = json.load(f)
+    machine = payload["machine"]
+    assert machine["torch"] and machine["backend"] and machine["device_name"]
+    return payload
+
+
+def test_kernel_efficiency_cpu_smoke_reports_efficiency_and_balance(tmp_path):
+    payload = run_script("kernel_efficiency.py", tmp_path / "k.json", "--device", "cpu",
+                         "--world-sizes", "2", "--tokens-per-rank", "64", "--layouts", "zigzag,contiguous",
+                         "--repeats", "1", "--warmup", "0")
+    rows = payload["results"]
+    assert {(r["layout"], r["packed"]) for r in rows} == {
+        (l, p) for l in ("zigzag", "contiguous") for p in (False, True)
+    }
+    for r in rows:
+        assert r["world_size"] == 2 and r["tokens_per_rank"] == 64 and r["total_tokens"] == 128
+        assert len(r["fwd_s"]) == len(r["fwd_bwd_s"]) == 2
+        assert all(t > 0 for t in r["fwd_s"] + r["fwd_bwd_s"])
+        for key in ("efficiency_fwd", "efficiency_fwd_bwd"):
+            assert r[key] > 0
+        for key in ("balance_fwd", "balance_fwd_bwd"):
+            assert r[key] >= 1.0
+    refs = payload["reference"]
+    assert {r["packed"] for r in refs} == {False, True}
+    assert all(r["fwd_s"] > 0 and r["fwd_bwd_s"] > 0 for r in refs)
+    assert next(r for r in refs if r["packed"])["num_docs"] > 1
+
+
+def test_kernel_efficiency_rejects_sizes_a_layout_cannot_split(tmp_path):
+    cmd = [sys.executable, os.path.join(BENCHMARKS, "kernel_efficiency.py"), "--device", "cpu",
+           "--world-sizes", "4", "--tokens-per-rank", "5"]
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "must be a multiple of" in proc.stderr
+
+
+def test_cpu_ring_smoke_reports_overlap_and_balance(tmp_path):
+    payload = run_script("cpu_ring.py", tmp_path / "r.json", "--tokens", "64", "--heads", "2",
+                         "--kv-heads", "1", "--head-dim", "8", "--layouts", "zigzag,contiguous",
+                         "--repeats", "1", "--warmup", "0", "--exchange-repeats", "1")
+    transfer = payload["transfer"]
+    assert transfer["step_s"] > 0 and transfer["bytes"] == 2 * 32 * 1 * 8 * 4
+    rows = {r["layout"]: r for r in payload["results"]}
+    assert set(rows) == {"zigzag", "contiguous"}
+    for r in rows.values():
+        for phase in ("fwd", "fwd_bwd"):
+            assert len(r[f"compute_{phase}_samples_s"]) == len(r[f"ring_{phase}_samples_s"]) == 2
+            assert r[f"compute_{phase}_ms"] > 0 and r[f"ring_{phase}_ms"] > 0
+            assert r[f"balance_{phase}"] >= 1.0
+            assert r[f"hidden_{phase}"] is None or 0.0 <= r[f"hidden_{phase}"] <= 1.0
+            assert r[f"noise_{phase}_ms"] >= 0
+        assert (r["transfers_fwd"], r["transfers_fwd_bwd"]) == (1, 4)
+
+
+def test_memory_smoke_reports_peak_per_rank_and_budget(tmp_path):
+    payload = run_script("memory.py", tmp_path / "m.json", "--device", "cpu", "--world-sizes", "1,2",
+                         "--seq-lens", "128", "--budget-gib", "1")
+    rows = payload["results"]
+    assert [(r["world_size"], r["seq_len"]) for r in rows] == [(1, 128), (2, 128)]
+    for r in rows:
+        assert r["inputs_mib"] > 0 and r["peak_mib"] >= 0
+        assert len(r["peak_mib_per_rank"]) == r["world_size"]
+        assert r["total_mib"] == pytest.approx(r["inputs_mib"] + r["peak_mib"])
+    # q, k, v and dout of a rank: (8 + 2 + 2 + 8) heads x 32 dims x 4 bytes per token
+    assert rows[1]["inputs_mib"] == pytest.approx(64 * 20 * 32 * 4 / 2**20)
+    fits = {f["world_size"]: f for f in payload["fits"]}
+    assert fits[1]["longest_measured_fitting"] == fits[2]["longest_measured_fitting"] == 128
+
+
+def test_memory_model_mode_measures_a_patched_llama_training_step(tmp_path):
+    payload = run_script("memory.py", tmp_path / "mm.json", "--model", "--world-sizes", "1,2", "--seq-lens", "64",
+                         "--layers", "1", "--hidden-size", "64", "--heads", "4", "--kv-heads", "2",
+                         "--intermediate-size", "128", "--vocab-size", "128", "--budget-gib", "1")
+    assert payload["mode"] == "model"
+    rows = payload["results"]
+    assert [(r["world_size"], r["seq_len"]) for r in rows] == [(1, 64), (2, 64)]
+    # inputs are the weights: the same on every rank and for every P
+    assert rows[0]["inputs_mib"] == rows[1]["inputs_mib"] > 0
+    assert all(r["peak_mib"] >= 0 and len(r["peak_mib_per_rank"]) == r["world_size"] for r in rows)
