@@ -198,16 +198,18 @@ def datasets_for(args):
 
 @torch.no_grad()
 def evaluate(model, loader, accelerator, sp_size):
-    """Token-mean loss and exact-match accuracy of the labelled tokens of every sequence."""
+    """Loss (mean over batches of each batch's token mean) and exact-match accuracy: the share
+    of sequences whose labelled tokens are all predicted right."""
     model.eval()
     loss_sum, correct, total = 0.0, 0, 0
     for batch in loader:
         out = model(**batch)
         loss_sum += accelerator.reduce(out.loss.detach(), "mean").item()
         ring_batch = batch["ring_batch"]
-        logits = ring_batch.gather(out.logits)  # [B, S, vocab] on every rank
+        # gather predictions, not logits: [B, S] on every rank
+        predicted = ring_batch.gather(out.logits.argmax(-1)[..., None])[..., 0]
         targets = ring_batch.gather(batch["shift_labels"][..., None], fill=-100)[..., 0]
-        hit = (logits.argmax(-1) == targets) | (targets == -100)
+        hit = (predicted == targets) | (targets == -100)
         correct += int(hit.all(-1).sum())
         total += hit.shape[0]
     model.train()
@@ -230,16 +232,18 @@ def main(argv=None):
     refuse_single_process_cpu_launch()
     accelerator = Accelerator(cpu=args.cpu or not torch.cuda.is_available(), gradient_accumulation_steps=args.grad_accum)
     set_seed(args.seed)  # the same data order on every rank of a sequence-parallel group
+    sp = SequenceParallelPlugin(sp_size=args.sp_size, layout=args.layout, backend=args.backend)
+    parallel = sp.setup(accelerator)
     train_set, eval_set = datasets_for(args)
     model = build_model(args)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=args.max_steps)
+    # accelerate advances a prepared scheduler once per data-parallel replica per optimizer step
+    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=args.warmup_steps * parallel.dp_size,
+                              num_training_steps=args.max_steps * parallel.dp_size)
     train_loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=True, collate_fn=collate)
     eval_loader = torch.utils.data.DataLoader(eval_set, batch_size=args.batch_size, collate_fn=collate)
-    sp = SequenceParallelPlugin(sp_size=args.sp_size, layout=args.layout, backend=args.backend)
     model, optimizer, train_loader, eval_loader, scheduler = sp.prepare(
         accelerator, model, optimizer, train_loader, eval_loader, scheduler)
-    parallel = sp.parallel
     accelerator.print(
         f"{accelerator.num_processes} processes on {accelerator.device.type}: {parallel.dp_size} data-parallel x "
         f"{parallel.sp_size} sequence-parallel, layout={args.layout}; {args.seq_len} tokens per sequence, "

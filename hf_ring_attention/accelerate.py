@@ -28,7 +28,7 @@ from transformers.utils import logging
 
 from .layout import check_layout
 from .parallel import ParallelLayout, check_trainable
-from .transformers import check_same_batch, count_targets, patch_model, shard_batch
+from .transformers import check_same_batch, patch_model, shard_batch
 
 logger = logging.get_logger(__name__)
 
@@ -52,6 +52,7 @@ class SequenceParallelPlugin:
     backend: str | None = None
     check_batches: int = 2
     parallel: ParallelLayout | None = field(default=None, init=False, repr=False)
+    model: PreTrainedModel | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         check_layout(self.layout)
@@ -95,18 +96,38 @@ class SequenceParallelPlugin:
         ring attention (and checked), data loaders yield this rank's shard of each batch with the
         exact loss normalisation, and schedulers step once per data-parallel batch."""
         parallel = self.setup(accelerator)
-        models = [o for o in objects if isinstance(o, PreTrainedModel)]
-        for model in models:
-            check_trainable(model)
-            patch_model(model, group=self.group, layout=self.layout, backend=self.backend)
+        for obj in objects:
+            if isinstance(obj, torch.nn.Module):
+                model = _transformers_model(obj)
+                check_trainable(model)
+                patch_model(model, group=self.group, layout=self.layout, backend=self.backend)
+                self.model = model
+        if self.model is None and any(isinstance(o, torch.utils.data.DataLoader) for o in objects):
+            raise ValueError(
+                "prepare the model with (or before) the data loaders: batches are sharded for a "
+                "model patched for ring attention, and an unpatched model would attend within shards"
+            )
         prepared = accelerator.prepare(*objects)
         prepared = list(prepared) if isinstance(prepared, (tuple, list)) else [prepared]
         for i, obj in enumerate(prepared):
             if isinstance(obj, torch.utils.data.DataLoader):
-                prepared[i] = ShardedDataLoader(obj, self, accelerator, models[0] if models else None)
+                prepared[i] = ShardedDataLoader(obj, self, accelerator, self.model)
             elif isinstance(obj, AcceleratedScheduler):
                 prepared[i] = _DataParallelScheduler(obj, parallel.dp_size)
         return prepared[0] if len(prepared) == 1 else tuple(prepared)
+
+
+def _transformers_model(module) -> PreTrainedModel:
+    """The transformers model inside ``module`` (itself, or the base model of a PEFT model)."""
+    if isinstance(module, PreTrainedModel):
+        return module
+    base = module.get_base_model() if hasattr(module, "get_base_model") else None
+    if isinstance(base, PreTrainedModel):
+        return base
+    raise TypeError(
+        f"SequenceParallelPlugin patches transformers models for ring attention; got "
+        f"{type(module).__name__}. Pass the PreTrainedModel (before torch.compile or other wrappers)."
+    )
 
 
 class ShardedDataLoader:
@@ -134,24 +155,41 @@ class ShardedDataLoader:
             group, last = self._next_group(batches, accumulate)
             if not group:
                 return
+            sharded, total = self._shard_group(group)
             scale = self.accelerator.num_processes * accumulate
-            count = torch.tensor(sum(count_targets(b) for b in group), dtype=torch.float64, device=self.accelerator.device)
-            # every rank of a sp group counted the same batch: sum over all ranks, divide by sp
-            total = self.accelerator.reduce(count, "sum").item() / self.plugin.parallel.sp_size
-            for i, batch in enumerate(group):
+            for i, local in enumerate(sharded):
                 if last and hasattr(self.dataloader, "end_of_dataloader"):
                     # tell accelerate's gradient accumulation where the loader really ends
-                    self.dataloader.end_of_dataloader = i == len(group) - 1
-                local = shard_batch(batch, group=self.plugin.group, layout=self.plugin.layout,
-                                    num_items_in_batch=max(total, 1.0) / scale)
-                if self._checked < self.plugin.check_batches:
-                    check_same_batch(local["ring_batch"], device=self.accelerator.device)
-                    self._checked += 1
+                    self.dataloader.end_of_dataloader = i == len(sharded) - 1
+                if "labels" in local:
+                    local["num_items_in_batch"] = max(total, 1.0) / scale
                 yield local
             if last:
                 for _ in batches:  # let the wrapped loader finish its own bookkeeping
                     raise RuntimeError("the data loader yielded a batch after announcing its end")
                 return
+
+    def _shard_group(self, group):
+        """Shard the micro-batches of one step and count their targets over all replicas. One
+        all-reduce carries the count and whether any rank failed to shard, so that bad data
+        raises on every rank instead of leaving the others waiting in a collective."""
+        plugin, error = self.plugin, None
+        try:
+            sharded = [shard_batch(b, group=plugin.group, layout=plugin.layout) for b in group]
+            count = sum(local["ring_batch"].num_targets for local in sharded)
+        except ValueError as exc:
+            sharded, count, error = None, 0, exc
+        stats = torch.tensor([float(count), float(error is not None)], dtype=torch.float64, device=self.accelerator.device)
+        stats = self.accelerator.reduce(stats, "sum").tolist()
+        if error is not None:
+            raise error
+        if stats[1]:
+            raise ValueError(f"{int(stats[1])} rank(s) could not shard their batch (see their error)")
+        if self._checked < plugin.check_batches:
+            check_same_batch(sharded[0]["ring_batch"], device=self.accelerator.device)
+            self._checked += 1
+        # every rank of a sequence-parallel group counted the same batches
+        return sharded, stats[0] / plugin.parallel.sp_size
 
     def _next_group(self, batches, size):
         """Up to ``size`` batches, stopping early at the end of the loader (without asking the
@@ -185,7 +223,9 @@ class _DataParallelScheduler:
         if any(opt.step_was_skipped for opt in s.optimizers):
             return None
         for _ in range(self.dp_size):
-            s.scheduler.step(*args, **kwargs)
+            # as accelerate does: OneCycleLR raises when stepped past its total_steps
+            if s.scheduler._step_count <= getattr(s.scheduler, "total_steps", float("inf")):
+                s.scheduler.step(*args, **kwargs)
         return None
 
     def state_dict(self):

@@ -60,7 +60,7 @@ def as_boundaries(cu_seqlens, total: int | None = None) -> list[int]:
     if isinstance(cu_seqlens, torch.Tensor):
         if cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64):
             raise TypeError(
-                f"cu_seqlens must be a 1-D int32 tensor, got dtype={cu_seqlens.dtype}, "
+                f"cu_seqlens must be a 1-D integer (int32) tensor, got dtype={cu_seqlens.dtype}, "
                 f"shape={tuple(cu_seqlens.shape)}"
             )
         bounds = cu_seqlens.tolist()
@@ -166,7 +166,7 @@ def pad_for_layout(
     world_size = group_size(group) if world_size is None else world_size
     multiple = layout_multiple(layout, world_size)
     bounds = as_boundaries(cu_seqlens, x.shape[dim])
-    _check_total(bounds, x.shape[dim])
+    check_total(bounds, x.shape[dim])
     lengths = [b - a for a, b in zip(bounds, bounds[1:])]
     padded = [math.ceil(n / multiple) * multiple if n else 0 for n in lengths]
     pieces = []
@@ -190,7 +190,7 @@ def unpad(x: torch.Tensor, cu_seqlens, seqused, *, dim: int = 0) -> torch.Tensor
     return torch.cat([x.narrow(dim, a, n) for a, n in zip(bounds, used)], dim=dim)
 
 
-def _check_total(bounds: Sequence[int], total: int) -> None:
+def check_total(bounds: Sequence[int], total: int) -> None:
     if bounds[-1] != total:
         raise ValueError(
             f"cu_seqlens ends at {bounds[-1]} but the sequence has {total} tokens; "

@@ -26,10 +26,10 @@ def resolve_sp_size(sp_size: int | None, world_size: int) -> int:
         sp_size, source = os.environ[ENV_SP_SIZE], ENV_SP_SIZE
     if sp_size is None:
         return world_size
-    try:
+    if isinstance(sp_size, str) and sp_size.strip().isdigit():
         sp_size = int(sp_size)
-    except ValueError:
-        raise ValueError(f"{source}={sp_size!r} is not an integer") from None
+    if not isinstance(sp_size, int) or isinstance(sp_size, bool):
+        raise ValueError(f"{source}={sp_size!r} is not an integer")
     if sp_size < 1 or world_size % sp_size:
         raise ValueError(
             f"{source}={sp_size} must be a positive divisor of the number of processes ({world_size}); "
@@ -49,10 +49,6 @@ class ParallelLayout:
     @property
     def dp_size(self) -> int:
         return self.world_size // self.sp_size
-
-    @property
-    def sp_group(self):
-        return self.mesh.get_group("cp")
 
     @classmethod
     def build(cls, sp_size: int | None, device_type: str, existing=None) -> "ParallelLayout":
@@ -77,7 +73,7 @@ class ParallelLayout:
 
     def group(self):
         """The sp group for ``patch_model``/``shard_batch`` (None on a single process)."""
-        return None if self.mesh is None else self.sp_group
+        return None if self.mesh is None else self.mesh.get_group("cp")
 
 
 def check_trainable(model) -> None:

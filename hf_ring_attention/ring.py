@@ -24,16 +24,12 @@ import torch
 
 from .distributed import group_rank, group_size
 from .kernels import get_kernel
+from .kernels.reference import accumulate_dtype
 from .plan import DeviceCall, RingPlan
 from .transport import RingComm
 
 NEG_INF = float("-inf")
 GRAD_TAG = 2  # dK/dV messages use tags 2, 3; K/V use 0, 1
-
-
-def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for half-precision inputs, float64 for float64 (tests)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _take(x: torch.Tensor, rows, dim: int = 0) -> torch.Tensor:

@@ -6,17 +6,13 @@ import torch
 import torch.distributed as dist
 
 from .distributed import group_rank, group_size
-from .layout import as_boundaries, local_indices
+from .layout import as_boundaries, check_total, local_indices
 
 
-def _indices(x: torch.Tensor, cu_seqlens, dim: int, group, layout: str, total: int):
-    world_size, rank = group_size(group), group_rank(group)
+def _bounds(cu_seqlens, total: int) -> list[int]:
     bounds = as_boundaries(cu_seqlens, total)
-    if bounds[-1] != total:
-        raise ValueError(
-            f"cu_seqlens[-1]={bounds[-1]} but the full sequence along dim {dim} has {total} tokens"
-        )
-    return bounds, world_size, rank
+    check_total(bounds, total)
+    return bounds
 
 
 def shard(x: torch.Tensor, cu_seqlens=None, *, dim: int = 0, group=None, layout: str = "zigzag") -> torch.Tensor:
@@ -34,7 +30,8 @@ def shard(x: torch.Tensor, cu_seqlens=None, *, dim: int = 0, group=None, layout:
     Returns:
         `torch.Tensor`: the tokens this rank holds, in local order, along ``dim``.
     """
-    bounds, world_size, rank = _indices(x, cu_seqlens, dim, group, layout, x.shape[dim])
+    world_size, rank = group_size(group), group_rank(group)
+    bounds = _bounds(cu_seqlens, x.shape[dim])
     index = local_indices(bounds, layout, world_size, rank).to(x.device)
     return x.index_select(dim, index)
 
@@ -46,8 +43,8 @@ def unshard(x_local: torch.Tensor, cu_seqlens=None, *, dim: int = 0, group=None,
     requires grad (the gradient of the gathered tensor is summed back to the owning ranks).
     """
     world_size = group_size(group)
-    total = x_local.shape[dim] * world_size
-    bounds, world_size, _ = _indices(x_local, cu_seqlens, dim, group, layout, total)
+    group_rank(group)  # raises if this process is not in the group
+    bounds = _bounds(cu_seqlens, x_local.shape[dim] * world_size)
     index = torch.cat([local_indices(bounds, layout, world_size, r) for r in range(world_size)])
     if world_size == 1:
         gathered = x_local

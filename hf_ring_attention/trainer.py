@@ -23,7 +23,7 @@ from transformers import TrainerCallback, default_data_collator
 
 from .layout import check_layout
 from .parallel import ParallelLayout, check_trainable
-from .transformers import check_same_batch, count_targets, patch_model, shard_batch
+from .transformers import check_same_batch, patch_model, shard_batch
 
 
 class RingAttentionCallback(TrainerCallback):
@@ -63,6 +63,11 @@ class RingAttentionCallback(TrainerCallback):
             raise ValueError(
                 f"TrainingArguments.parallelism_config enables cp_size={pc.cp_size}, sp_size={pc.sp_size}; "
                 "RingAttentionCallback does sequence parallelism itself. Remove one of the two."
+            )
+        if getattr(getattr(args, "accelerator_config", None), "dispatch_batches", None):
+            raise ValueError(
+                "accelerator_config.dispatch_batches=True sends every process a slice of one batch, "
+                "ignoring sequence-parallel groups; set it to False"
             )
         if args.world_size > 1 and not args.average_tokens_across_devices:
             raise ValueError(
@@ -116,6 +121,7 @@ class ShardingCollator:
         callback = self.callback
         if callback.parallel is None:
             raise RuntimeError("pass the RingAttentionCallback to the Trainer's callbacks as well as its data_collator")
-        count = count_targets(batch)
-        return shard_batch(batch, group=callback.group, layout=callback.layout,
-                           num_items_in_batch=max(count, 1) / callback.parallel.sp_size)
+        local = shard_batch(batch, group=callback.group, layout=callback.layout)
+        if "labels" in local:
+            local["num_items_in_batch"] = max(local["ring_batch"].num_targets, 1) / callback.parallel.sp_size
+        return local

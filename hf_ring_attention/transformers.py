@@ -50,6 +50,7 @@ class RingBatch:
         group, layout, world_size, rank: the sequence-parallel setting.
         fingerprint (`int`): a checksum of the full batch, to check that every rank of the group
             was given the same one (:func:`check_same_batch`).
+        num_targets (`int`): target tokens of the full batch (0 without labels).
     """
 
     cu_seqlens: list[int]
@@ -62,6 +63,7 @@ class RingBatch:
     world_size: int
     rank: int
     fingerprint: int = 0
+    num_targets: int = 0
     _plans: dict = field(default_factory=dict, repr=False)
 
     def plan(self, window_size: int | None) -> RingPlan:
@@ -124,16 +126,16 @@ def shard_batch(
 
     Args:
         batch (`dict`): the full batch, identical on every rank of ``group``: ``input_ids``
-            ``[B, S]``, and optionally ``attention_mask`` ``[B, S]`` (1 = token, 0 = padding,
-            anywhere in the row), ``position_ids`` ``[B, S]`` (packed documents restart their
+            ``[B, S]``, and optionally ``attention_mask`` ``[B, S]`` (1 = token, 0 = left or
+            right padding), ``position_ids`` ``[B, S]`` (packed documents restart their
             positions; default ``arange(S)`` per row, as in transformers), ``labels`` ``[B, S]``
             (unshifted, -100 = ignore) or ``shift_labels`` ``[B, S]`` (already shifted).
         group (`ProcessGroup`, *optional*): the sequence-parallel group (None: default group).
         layout (`str`): ``"zigzag"`` (default), ``"contiguous"`` or ``"striped"``; must match
             :func:`patch_model`.
-        num_items_in_batch (`int`, *optional*): the number of target tokens the loss is divided
-            by; default: the targets of this batch (:func:`count_targets`). Pass the count over
-            all micro-batches when accumulating gradients, or over all data-parallel replicas.
+        num_items_in_batch (`int` or `float`, *optional*): what the sum of the token losses is
+            divided by; default: the number of targets of this batch (at least 1). Pass the count
+            over all micro-batches when accumulating gradients, or over all data-parallel replicas.
 
     Returns:
         `dict` with ``input_ids`` and ``position_ids`` ``[1, tokens]`` (this rank's tokens with
@@ -170,17 +172,16 @@ def shard_batch(
         "position_ids": packed(pos, 0)[local][None].to(device),
         "use_cache": False,
     }
+    num_targets = 0 if targets is None else int((targets != IGNORE_INDEX).sum())
     if targets is not None:
         shifted = packed(targets, IGNORE_INDEX)[local][None].to(device)
         out["labels"] = shifted  # the loss is computed only when labels are given; it reads shift_labels
         out["shift_labels"] = shifted
-        out["num_items_in_batch"] = (
-            int((targets != IGNORE_INDEX).sum()) if num_items_in_batch is None else num_items_in_batch
-        )
+        out["num_items_in_batch"] = max(num_targets, 1) if num_items_in_batch is None else num_items_in_batch
     out["ring_batch"] = RingBatch(
         cu_seqlens=bounds, seqused=lengths, batch_shape=(b, s), real_packed=real_packed,
         real_flat=real_flat, group=group, layout=layout, world_size=world_size, rank=rank,
-        fingerprint=_fingerprint(input_ids, mask, targets),
+        fingerprint=_fingerprint(input_ids, mask, positions, targets), num_targets=num_targets,
     )
     return out
 
@@ -242,6 +243,13 @@ def _check_batch(batch: dict):
     mask = torch.ones(shape, dtype=torch.bool) if mask is None else mask.bool()
     if not mask.any():
         raise ValueError("attention_mask masks every token of the batch")
+    runs = mask[:, 0].long() + (mask[:, 1:] & ~mask[:, :-1]).sum(1)
+    if (runs > 1).any():
+        row = int((runs > 1).nonzero()[0])
+        raise ValueError(
+            f"row {row} of attention_mask has padding between its tokens; only left or right "
+            f"padding is supported (pack documents with position_ids instead)"
+        )
     positions = matching("position_ids")
     labels, shift_labels = matching("labels"), matching("shift_labels")
     if labels is not None and shift_labels is not None:

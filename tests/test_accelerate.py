@@ -136,6 +136,19 @@ def _bad_setups(rank, world_size):
     with pytest.raises(ValueError, match="different batches"):
         check_same_batch(shard_batch({"input_ids": ids}, group=sp.group)["ring_batch"])
     check_same_batch(shard_batch({"input_ids": torch.zeros(1, 8, dtype=torch.long)}, group=sp.group)["ring_batch"])
+    with pytest.raises(TypeError, match="got Linear"):
+        SequenceParallelPlugin(sp_size=2).prepare(accelerator, torch.nn.Linear(2, 2))
+    loader = torch.utils.data.DataLoader(examples(2, packed=False), batch_size=1, collate_fn=collate)
+    with pytest.raises(ValueError, match="prepare the model with"):
+        SequenceParallelPlugin(sp_size=2).prepare(accelerator, loader)
+    # rank 0 holds a batch it cannot shard: both ranks raise, neither waits for the other
+    bad = [{"input_ids": torch.zeros(8, dtype=torch.long),
+            "attention_mask": torch.tensor([1, 0, 1, 1, 1, 1, 1, 1] if rank == 0 else [1] * 8)}]
+    _, loader = SequenceParallelPlugin(sp_size=2, check_batches=0).prepare(
+        accelerator, tiny_model("llama"), torch.utils.data.DataLoader(bad, batch_size=1, collate_fn=collate))
+    expected = "padding between its tokens" if rank == 0 else "1 rank.s. could not shard"
+    with pytest.raises(ValueError, match=expected):
+        next(iter(loader))
 
 
 def test_bad_setups_are_refused_on_every_rank():

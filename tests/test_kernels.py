@@ -107,7 +107,7 @@ def test_unavailable_backend_is_a_clear_error(backend):
 
 
 # ------------------------------------------------------------------ flash-attn adapter
-def _stand_in(new_api: bool):
+def _stand_in(new_api: bool, custom_op: bool = False):
     """A fake ``flash_attn.flash_attn_interface`` with the documented 2.x signatures, computing
     with the CPU reference, so the adapter's argument handling can be checked without CUDA."""
     calls = []
@@ -173,13 +173,28 @@ def _stand_in(new_api: bool):
     module = types.ModuleType("flash_attn.flash_attn_interface")
     module._flash_attn_varlen_forward = forward_api
     module._flash_attn_varlen_backward = backward_api
+    if custom_op:
+        module._flash_attn_varlen_forward = _CustomOp(forward_api)
+        module._flash_attn_varlen_backward = _CustomOp(backward_api)
     return module, calls
 
 
-@pytest.mark.parametrize("new_api", [True, False], ids=["flash-attn>=2.7", "flash-attn<2.7"])
+class _CustomOp:
+    """How ``torch.library.custom_op`` presents a function (flash-attn >= 2.7 registers its
+    kernels that way): a ``(*args, **kwargs)`` callable, the Python function in ``_init_fn``."""
+
+    def __init__(self, fn):
+        self._init_fn = fn
+
+    def __call__(self, *args, **kwargs):
+        return self._init_fn(*args, **kwargs)
+
+
+@pytest.mark.parametrize("new_api, custom_op", [(True, True), (True, False), (False, False)],
+                         ids=["flash-attn>=2.7 custom op", "flash-attn>=2.7", "flash-attn<2.7"])
 @pytest.mark.parametrize("causal, window", [(True, (-1, 0)), (False, (3, 0)), (False, (-1, -1))])
-def test_flash_attn_adapter_follows_documented_signature(monkeypatch, new_api, causal, window):
-    module, calls = _stand_in(new_api)
+def test_flash_attn_adapter_follows_documented_signature(monkeypatch, new_api, custom_op, causal, window):
+    module, calls = _stand_in(new_api, custom_op)
     monkeypatch.setitem(sys.modules, "flash_attn.flash_attn_interface", module)
     monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
     flash_adapter._interface.cache_clear()

@@ -156,5 +156,8 @@ def test_bad_batches_are_refused_with_their_values():
         hra.shard_batch({"input_ids": torch.zeros(1, 4, dtype=torch.long), "attention_mask": torch.ones(1, 3)})
     with pytest.raises(ValueError, match=r"does not know how to shard \['pixel_values'\]"):
         hra.shard_batch({"input_ids": torch.zeros(1, 4, dtype=torch.long), "pixel_values": torch.zeros(1)})
+    with pytest.raises(ValueError, match="row 1 of attention_mask has padding between its tokens"):
+        hra.shard_batch({"input_ids": torch.zeros(2, 4, dtype=torch.long),
+                         "attention_mask": torch.tensor([[0, 1, 1, 1], [1, 0, 1, 0]])})
     with pytest.raises(ValueError, match="layout='ring'"):
         hra.shard_batch({"input_ids": torch.zeros(1, 4, dtype=torch.long)}, layout="ring")

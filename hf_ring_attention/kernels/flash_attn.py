@@ -32,8 +32,14 @@ def _interface():
     return importlib.import_module("flash_attn.flash_attn_interface")
 
 
+def _parameters(fn):
+    """Parameter names of a flash-attn function; releases that register it with
+    ``torch.library.custom_op`` hide the Python signature behind ``_init_fn``."""
+    return inspect.signature(getattr(fn, "_init_fn", fn)).parameters
+
+
 def _window_kwargs(fn, window) -> dict:
-    params = inspect.signature(fn).parameters
+    params = _parameters(fn)
     if "window_size_left" in params:
         return {"window_size_left": window[0], "window_size_right": window[1]}
     if "window_size" in params:
@@ -43,6 +49,13 @@ def _window_kwargs(fn, window) -> dict:
     return {}
 
 
+def _present(fn, **candidates) -> dict:
+    """The keyword arguments among ``candidates`` that this release's ``fn`` takes (some have
+    no default in some releases, so they are always passed when they exist)."""
+    params = _parameters(fn)
+    return {name: value for name, value in candidates.items() if name in params}
+
+
 def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, window, softmax_scale):
     fn = _interface()._flash_attn_varlen_forward
     if softmax_scale is None:
@@ -50,6 +63,7 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, cau
     result = fn(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 0.0, softmax_scale, causal,
         **_window_kwargs(fn, window),
+        **_present(fn, softcap=0.0, alibi_slopes=None, return_softmax=False),
     )
     out, lse = (result[0], result[1]) if len(result) == 4 else (result[0], result[5])
     return out, lse
@@ -60,11 +74,10 @@ def backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    params = inspect.signature(fn).parameters
-    extra = {name: value for name, value in (("softcap", 0.0), ("alibi_slopes", None), ("deterministic", False)) if name in params}
     fn(
         dout.contiguous(), q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k,
         max_seqlen_q, max_seqlen_k, 0.0, softmax_scale, causal,
-        **_window_kwargs(fn, window), **extra,
+        **_window_kwargs(fn, window),
+        **_present(fn, softcap=0.0, alibi_slopes=None, deterministic=False),
     )
     return dq, dk, dv

@@ -22,7 +22,8 @@ def is_available(device: torch.device) -> bool:
     return True
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half-precision (and float32) inputs, float64 for float64 (tests)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -56,7 +57,7 @@ def _grouped(x_THD: torch.Tensor, hkv: int) -> torch.Tensor:
 def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, window, softmax_scale):
     """Varlen attention forward. Returns ``(out [Tq, Hq, D] in q.dtype, lse [Hq, Tq] float32)``
     (float64 lse for float64 input). Rows that see no key get out = 0 and lse = -inf."""
-    cdt = _compute_dtype(q.dtype)
+    cdt = accumulate_dtype(q.dtype)
     out = torch.zeros_like(q)
     lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=cdt, device=q.device)
     hkv = k.shape[1]
@@ -87,9 +88,9 @@ def backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
     """Gradients of a forward call, recomputed from ``out`` and ``lse`` (which may be the merged
     results of several calls: only the probabilities ``exp(s - lse)`` are recomputed).
     Returns ``(dq, dk, dv)`` in the input dtypes; dk and dv have Hkv heads."""
-    cdt = _compute_dtype(q.dtype)
+    cdt = accumulate_dtype(q.dtype)
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    hkv, lse_dtype = k.shape[1], _compute_dtype(q.dtype)
+    hkv, lse_dtype = k.shape[1], accumulate_dtype(q.dtype)
     for q0, q1, k0, k1 in _sequences(cu_seqlens_q, cu_seqlens_k):
         lq, lk = q1 - q0, k1 - k0
         if lq == 0 or lk == 0:

@@ -15,7 +15,10 @@ DTYPES = (torch.float16, torch.bfloat16)
 
 
 def is_available(device: torch.device) -> bool:
-    return device.type == "cuda" and hasattr(torch.ops.aten, "_flash_attention_forward")
+    """CUDA with FlashAttention-2 support: the op exists and the GPU is sm80 (Ampere) or newer."""
+    if device.type != "cuda" or not hasattr(torch.ops.aten, "_flash_attention_forward"):
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, window, softmax_scale):
