@@ -93,6 +93,7 @@ def _worker(rank, world_size, port, fn, args):
         raise
     finally:
         dist.destroy_process_group()
+    _exit_cleanly()
 
 
 def spawn(fn, world_size: int, *args) -> None:
@@ -115,6 +116,18 @@ def _launched(rank, world_size, port, fn, args):
     finally:
         if dist.is_initialized():  # exiting with a live gloo group can abort the process
             dist.destroy_process_group()
+    _exit_cleanly()
+
+
+def _exit_cleanly():
+    """End a worker that succeeded without interpreter teardown: a thread left behind by gloo
+    or accelerate, destroyed at exit, occasionally aborts the process ("terminate called
+    without an active exception") after all of its work passed."""
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def launch(fn, world_size: int, *args) -> None:
