@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers import free_port
 
@@ -45,3 +46,27 @@ def test_single_process_cpu_launch_is_refused_with_the_working_command(monkeypat
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(SystemExit, match="--multi_gpu --num_processes N"):
         finetune.refuse_single_process_cpu_launch()
+
+
+def test_real_text_is_packed_into_rows_with_restarting_positions(tmp_path):
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import finetune
+    finally:
+        sys.path.pop(0)
+
+    class Tokenizer:  # one token per character; 0 ends a document
+        eos_token_id = 0
+
+        def __call__(self, text):
+            return {"input_ids": [ord(c) for c in text]}
+
+    data = tmp_path / "corpus.jsonl"
+    data.write_text('{"text": "abc"}\n{"text": "defgh"}\n\n{"text": "ij"}\n')
+    docs = finetune.load_documents(str(data), "text")
+    assert docs == ["abc", "defgh", "ij"]
+    rows = finetune.packed_examples(docs, Tokenizer(), seq_len=5)
+    # tokens: a b c 0 | d e f g h 0 | i j 0  -> rows of 5, the remainder dropped
+    assert [r["input_ids"].tolist() for r in rows] == [[97, 98, 99, 0, 100], [101, 102, 103, 104, 0]]
+    assert [r["position_ids"].tolist() for r in rows] == [[0, 1, 2, 3, 0], [1, 2, 3, 4, 5]]
+    assert all(torch.equal(r["labels"], r["input_ids"]) for r in rows)
