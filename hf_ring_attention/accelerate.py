@@ -70,18 +70,9 @@ class SequenceParallelPlugin:
         prepare objects separately."""
         if self.parallel is not None:
             return self.parallel
-        pc = getattr(accelerator, "parallelism_config", None)
-        if pc is not None and (getattr(pc, "cp_enabled", False) or getattr(pc, "sp_enabled", False)):
-            raise ValueError(
-                "accelerate's own context/sequence parallelism is enabled in parallelism_config "
-                f"(cp_size={pc.cp_size}, sp_size={pc.sp_size}); it would shard the batch a second "
-                "time. Use either it or SequenceParallelPlugin, not both."
-            )
-        self.parallel = ParallelLayout.build(self.sp_size, accelerator.device.type,
-                                             existing=accelerator.state.device_mesh)
+        self.parallel = ParallelLayout.install(self.sp_size, accelerator.state,
+                                               getattr(accelerator, "parallelism_config", None))
         if self.parallel.mesh is not None:
-            # accelerate's data loader deals the same batch to the ranks of each "cp" sub-mesh
-            accelerator.state.device_mesh = self.parallel.mesh
             config = accelerator.dataloader_config
             if config.dispatch_batches:
                 raise ValueError("dispatch_batches=True ignores sequence-parallel groups; use dispatch_batches=False")

@@ -71,6 +71,23 @@ class ParallelLayout:
         mesh = init_device_mesh(device_type, shape, mesh_dim_names=names)
         return cls(world_size, sp, mesh)
 
+    @classmethod
+    def install(cls, sp_size: int | None, accelerator_state, parallelism_config=None) -> "ParallelLayout":
+        """Build (or reuse) the layout and install its mesh on accelerate's shared state, so that
+        accelerate's data loader deals one batch per sp group. Accelerate's own context or
+        sequence parallelism must be off: it would shard the batch a second time."""
+        pc = parallelism_config
+        if pc is not None and (getattr(pc, "cp_enabled", False) or getattr(pc, "sp_enabled", False)):
+            raise ValueError(
+                f"accelerate's own context/sequence parallelism is enabled in parallelism_config "
+                f"(cp_size={pc.cp_size}, sp_size={pc.sp_size}); it would shard the batch a second "
+                f"time. Use either it or hf_ring_attention's sequence parallelism, not both."
+            )
+        layout = cls.build(sp_size, accelerator_state.device.type, existing=accelerator_state.device_mesh)
+        if layout.mesh is not None:
+            accelerator_state.device_mesh = layout.mesh
+        return layout
+
     def group(self):
         """The sp group for ``patch_model``/``shard_batch`` (None on a single process)."""
         return None if self.mesh is None else self.mesh.get_group("cp")

@@ -58,12 +58,6 @@ class RingAttentionCallback(TrainerCallback):
     def on_init_end(self, args, state, control, model=None, **kwargs):
         from accelerate.state import AcceleratorState
 
-        pc = getattr(args, "parallelism_config", None)
-        if pc is not None and (pc.cp_enabled or pc.sp_enabled):
-            raise ValueError(
-                f"TrainingArguments.parallelism_config enables cp_size={pc.cp_size}, sp_size={pc.sp_size}; "
-                "RingAttentionCallback does sequence parallelism itself. Remove one of the two."
-            )
         if getattr(getattr(args, "accelerator_config", None), "dispatch_batches", None):
             raise ValueError(
                 "accelerator_config.dispatch_batches=True sends every process a slice of one batch, "
@@ -77,12 +71,10 @@ class RingAttentionCallback(TrainerCallback):
         if model is None:
             raise ValueError("RingAttentionCallback needs the Trainer's model")
         check_trainable(model)
-        accelerator_state = AcceleratorState()
         if self.parallel is None:
-            self.parallel = ParallelLayout.build(self.sp_size, accelerator_state.device.type,
-                                                 existing=accelerator_state.device_mesh)
             # the Trainer's data loader then deals the same batch to the ranks of an sp group
-            accelerator_state.device_mesh = self.parallel.mesh
+            self.parallel = ParallelLayout.install(self.sp_size, AcceleratorState(),
+                                                   getattr(args, "parallelism_config", None))
         patch_model(model, group=self.group, layout=self.layout, backend=self.backend)
         if self._hook is None and self.check_batches:
             self._hook = model.register_forward_pre_hook(self._check_batch, with_kwargs=True)

@@ -88,23 +88,21 @@ class RingBatch:
         return out.view(b, s, *full.shape[1:])
 
 
-def _documents(mask: torch.Tensor, positions: torch.Tensor | None):
-    """Start flags and document ids of the real tokens of a [B, S] batch (flattened): a document
-    starts at the first real token of a row, after padding, and where positions restart."""
-    b, s = mask.shape
+def _document_starts(mask: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+    """[B, S] flags of the tokens that start a document: the first real token of a row, the first
+    after padding, and where positions restart."""
     start = mask.clone()
     start[:, 1:] &= ~mask[:, :-1]
     if positions is not None:
         start[:, 1:] |= mask[:, 1:] & (positions[:, 1:] != positions[:, :-1] + 1)
+    return start
+
+
+def _batch_structure(mask: torch.Tensor, start: torch.Tensor, multiple: int):
+    """Padded document boundaries and the packed position of every real token, from the [B, S]
+    padding mask and document starts."""
+    real_flat = mask.flatten().nonzero().flatten()
     start = start.flatten()
-    real = mask.flatten()
-    return start, real
-
-
-def _batch_structure(mask: torch.Tensor, positions: torch.Tensor | None, multiple: int):
-    """Padded document boundaries and the packed position of every real token."""
-    start, real = _documents(mask, positions)
-    real_flat = real.nonzero().flatten()
     doc = torch.cumsum(start.long(), 0)[real_flat] - 1
     lengths = torch.bincount(doc, minlength=int(doc[-1]) + 1 if len(doc) else 0)
     padded = (lengths + multiple - 1) // multiple * multiple
@@ -148,7 +146,7 @@ def shard_batch(
     """
     world_size, rank = group_size(group), group_rank(group)
     check_layout(layout)
-    input_ids, mask, positions, targets = _check_batch(batch)
+    input_ids, mask, positions, targets, start = _check_batch(batch)
     b, s = input_ids.shape
     multiple = layout_multiple(layout, world_size)
     if world_size > 1 and s < multiple:
@@ -156,7 +154,7 @@ def shard_batch(
             f"sequence length {s} is shorter than the {multiple} tokens that layout={layout!r} needs "
             f"to give every one of {world_size} ranks a piece; use fewer sequence-parallel ranks"
         )
-    bounds, lengths, real_flat, real_packed = _batch_structure(mask, positions, multiple)
+    bounds, lengths, real_flat, real_packed = _batch_structure(mask, start, multiple)
     total = bounds[-1]
     pos = positions if positions is not None else torch.arange(s).expand(b, s)
 
@@ -260,13 +258,13 @@ def _check_batch(batch: dict):
         targets[:, :-1] = labels[:, 1:]
     elif shift_labels is not None:
         targets = shift_labels.clone()
+    start = _document_starts(mask, positions)
     if targets is not None:
         # no target across a document end or into padding
-        start, real = _documents(mask, positions)
         nxt_starts = torch.ones(shape, dtype=torch.bool)
-        nxt_starts[:, :-1] = start.view(shape)[:, 1:] | ~real.view(shape)[:, 1:]
+        nxt_starts[:, :-1] = start[:, 1:] | ~mask[:, 1:]
         targets = targets.masked_fill(nxt_starts | ~mask, IGNORE_INDEX)
-    return input_ids, mask, positions, targets
+    return input_ids, mask, positions, targets, start
 
 
 def count_targets(batch: dict) -> int:
@@ -361,7 +359,7 @@ def _single_rank_batch(query, attention_mask, position_ids, settings: _Settings)
     positions = None
     if position_ids is not None:
         positions = position_ids.cpu().expand(b, s)
-    bounds, lengths, real_flat, real_packed = _batch_structure(mask, positions, 1)
+    bounds, lengths, real_flat, real_packed = _batch_structure(mask, _document_starts(mask, positions), 1)
     return RingBatch(bounds, lengths, (b, s), real_packed, real_flat, None, settings.layout, 1, 0)
 
 

@@ -90,7 +90,7 @@ def backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
     Returns ``(dq, dk, dv)`` in the input dtypes; dk and dv have Hkv heads."""
     cdt = accumulate_dtype(q.dtype)
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    hkv, lse_dtype = k.shape[1], accumulate_dtype(q.dtype)
+    hkv = k.shape[1]
     for q0, q1, k0, k1 in _sequences(cu_seqlens_q, cu_seqlens_k):
         lq, lk = q1 - q0, k1 - k0
         if lq == 0 or lk == 0:
@@ -101,7 +101,7 @@ def backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
             grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 dos.transpose(0, 1)[None], qs.transpose(0, 1)[None], ks.transpose(0, 1)[None],
                 vs.transpose(0, 1)[None], os_.transpose(0, 1)[None],
-                ls.to(lse_dtype)[None].contiguous(), 0.0, window == (-1, 0), scale=softmax_scale,
+                ls.to(cdt)[None].contiguous(), 0.0, window == (-1, 0), scale=softmax_scale,
             )
             dq[q0:q1], dk[k0:k1], dv[k0:k1] = (g[0].transpose(0, 1) for g in grads)
             continue
