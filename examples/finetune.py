@@ -1,4 +1,4 @@
-"""Long-context fine-tuning with ring attention (sequence parallelism) under 🤗 Accelerate.
+"""Long-context fine-tuning with ring attention (context parallelism) under 🤗 Accelerate.
 
 With no arguments it trains a small Llama, built from a config, on a synthetic long-context task
 that needs the whole context (passkey retrieval: five digits hidden at a random depth of the
@@ -14,7 +14,7 @@ starts a single process whatever --num_processes says, so it is not the way to r
 For real runs, name a model and data:
 
     accelerate launch --multi_gpu --num_processes 8 examples/finetune.py \\
-        --model meta-llama/Llama-3.2-1B --dataset my_corpus.jsonl --seq-len 65536 --sp-size 4
+        --model meta-llama/Llama-3.2-1B --dataset my_corpus.jsonl --seq-len 65536 --cp-size 4
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, get_scheduler
 
-from hf_ring_attention.accelerate import SequenceParallelPlugin
+from hf_ring_attention.accelerate import ContextParallelPlugin
 
 # --------------------------------------------------------------------- passkey retrieval
 # Token ids of the synthetic task. The five-digit key is hidden in random filler as five tokens
@@ -147,7 +147,7 @@ def parse_args(argv=None):
     p.add_argument("--dataset", default=None, help="local .jsonl/.txt files (comma-separated) or a 🤗 datasets name (default: synthetic passkey retrieval)")
     p.add_argument("--text-field", default="text", help="text field of JSONL / datasets records (default: text)")
     p.add_argument("--seq-len", type=int, default=3072, help="tokens per sequence (default: 3072)")
-    p.add_argument("--sp-size", type=int, default=None, help="ranks per sequence-parallel group (default: all processes, or HF_RING_ATTENTION_SP_SIZE)")
+    p.add_argument("--cp-size", type=int, default=None, help="ranks per context-parallel group (default: all processes, or HF_RING_ATTENTION_CP_SIZE)")
     p.add_argument("--layout", default="zigzag", choices=["zigzag", "contiguous", "striped"], help="how sequences are split (default: zigzag)")
     p.add_argument("--backend", default=None, choices=["flash_attn", "torch", "cpu"], help="attention kernels (default: automatic)")
     p.add_argument("--batch-size", type=int, default=4, help="sequences per data-parallel replica per micro-step (default: 4)")
@@ -197,7 +197,7 @@ def datasets_for(args):
 
 
 @torch.no_grad()
-def evaluate(model, loader, accelerator, sp_size):
+def evaluate(model, loader, accelerator, cp_size):
     """Loss (mean over batches of each batch's token mean) and exact-match accuracy: the share
     of sequences whose labelled tokens are all predicted right."""
     model.eval()
@@ -213,8 +213,8 @@ def evaluate(model, loader, accelerator, sp_size):
         correct += int(hit.all(-1).sum())
         total += hit.shape[0]
     model.train()
-    # every rank of a sequence-parallel group counted its group's batch
-    stats = accelerator.reduce(torch.tensor([correct, total], device=accelerator.device), "sum") // sp_size
+    # every rank of a context-parallel group counted its group's batch
+    stats = accelerator.reduce(torch.tensor([correct, total], device=accelerator.device), "sum") // cp_size
     return loss_sum / max(len(loader), 1), int(stats[0]), int(stats[1])
 
 
@@ -231,23 +231,23 @@ def main(argv=None):
     args = parse_args(argv)
     refuse_single_process_cpu_launch()
     accelerator = Accelerator(cpu=args.cpu or not torch.cuda.is_available(), gradient_accumulation_steps=args.grad_accum)
-    set_seed(args.seed)  # the same data order on every rank of a sequence-parallel group
-    sp = SequenceParallelPlugin(sp_size=args.sp_size, layout=args.layout, backend=args.backend)
-    parallel = sp.setup(accelerator)
+    set_seed(args.seed)  # the same data order on every rank of a context-parallel group
+    cp = ContextParallelPlugin(cp_size=args.cp_size, layout=args.layout, backend=args.backend)
+    mesh = cp.setup(accelerator)
     train_set, eval_set = datasets_for(args)
     model = build_model(args)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     # accelerate advances a prepared scheduler once per data-parallel replica per optimizer step
-    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=args.warmup_steps * parallel.dp_size,
-                              num_training_steps=args.max_steps * parallel.dp_size)
+    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=args.warmup_steps * mesh.dp_size,
+                              num_training_steps=args.max_steps * mesh.dp_size)
     train_loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=True, collate_fn=collate)
     eval_loader = torch.utils.data.DataLoader(eval_set, batch_size=args.batch_size, collate_fn=collate)
-    model, optimizer, train_loader, eval_loader, scheduler = sp.prepare(
+    model, optimizer, train_loader, eval_loader, scheduler = cp.prepare(
         accelerator, model, optimizer, train_loader, eval_loader, scheduler)
     accelerator.print(
-        f"{accelerator.num_processes} processes on {accelerator.device.type}: {parallel.dp_size} data-parallel x "
-        f"{parallel.sp_size} sequence-parallel, layout={args.layout}; {args.seq_len} tokens per sequence, "
-        f"{args.seq_len // parallel.sp_size} per rank"
+        f"{accelerator.num_processes} processes on {accelerator.device.type}: {mesh.dp_size} data-parallel x "
+        f"{mesh.cp_size} context-parallel, layout={args.layout}; {args.seq_len} tokens per sequence, "
+        f"{args.seq_len // mesh.cp_size} per rank"
     )
 
     progress = tqdm(total=args.max_steps, desc="training", disable=not accelerator.is_main_process)
@@ -265,7 +265,7 @@ def main(argv=None):
                 optimizer.zero_grad()
             # mean over processes, then over micro-steps: the exact token-mean loss of the step
             running += accelerator.reduce(loss.detach(), "mean").item() / args.grad_accum
-            tokens += sum(batch["ring_batch"].seqused) * parallel.dp_size
+            tokens += batch["ring_batch"].num_tokens * mesh.dp_size
             if accelerator.sync_gradients:
                 step += 1
                 rate = tokens / (time.perf_counter() - started)
@@ -277,12 +277,12 @@ def main(argv=None):
     progress.close()
     train_time = time.perf_counter() - started
 
-    eval_loss, correct, total = evaluate(model, eval_loader, accelerator, parallel.sp_size)
+    eval_loss, correct, total = evaluate(model, eval_loader, accelerator, mesh.cp_size)
     memory = peak_memory_gib(accelerator)
     metrics = {"train_loss": last_loss, "eval_loss": eval_loss, "eval_accuracy": correct / max(total, 1),
                "eval_examples": total, "tokens_per_second": tokens / train_time, "train_seconds": train_time,
                "peak_memory_gib_per_rank": memory, "processes": accelerator.num_processes,
-               "sp_size": parallel.sp_size, "seq_len": args.seq_len}
+               "cp_size": mesh.cp_size, "seq_len": args.seq_len}
     accelerator.print(f"eval: loss {eval_loss:.4f}, exact-match accuracy {correct}/{total}")
     accelerator.print(f"peak memory per rank (GiB): {memory}")
 

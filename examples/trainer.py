@@ -1,4 +1,4 @@
-"""Sequence-parallel fine-tuning with the transformers Trainer and RingAttentionCallback.
+"""Context-parallel fine-tuning with the transformers Trainer and RingAttentionCallback.
 
     accelerate launch --multi_gpu --num_processes 2 examples/trainer.py        # CPU or 2 GPUs
 
@@ -18,13 +18,13 @@ from hf_ring_attention.trainer import RingAttentionCallback
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (default: 1024)")
-    p.add_argument("--sp-size", type=int, default=None, help="ranks per sequence-parallel group (default: all)")
+    p.add_argument("--cp-size", type=int, default=None, help="ranks per context-parallel group (default: all)")
     p.add_argument("--max-steps", type=int, default=30, help="optimizer steps (default: 30)")
     p.add_argument("--output-dir", default="outputs/trainer", help="checkpoints (default: outputs/trainer)")
     args = p.parse_args()
     refuse_single_process_cpu_launch()
 
-    ring = RingAttentionCallback(sp_size=args.sp_size)
+    ring = RingAttentionCallback(cp_size=args.cp_size)
     training_args = TrainingArguments(
         output_dir=args.output_dir, max_steps=args.max_steps, per_device_train_batch_size=2,
         per_device_eval_batch_size=2, gradient_accumulation_steps=2, learning_rate=2e-3, warmup_steps=5,

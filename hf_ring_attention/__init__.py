@@ -1,5 +1,6 @@
 """hf_ring_attention: exact ring attention (context parallelism) for Hugging Face models."""
 
+from .batch import RingBatch, count_targets, shard_batch
 from .inprocess import InProcessRing
 from .layout import LAYOUTS, Padded, pad_for_layout, unpad
 from .plan import RingPlan
@@ -8,8 +9,7 @@ from .sharding import shard, unshard
 
 # The transformers integration imports transformers (a couple of seconds): load it on first use,
 # so that the ring itself stays cheap to import (spawned workers, benchmarks).
-_LAZY = {name: ".transformers" for name in
-         ("RingBatch", "count_targets", "is_patched", "patch_model", "shard_batch", "unpatch_model")}
+_LAZY = {name: ".transformers" for name in ("is_patched", "patch_model", "unpatch_model")}
 
 
 def __getattr__(name):

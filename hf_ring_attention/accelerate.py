@@ -1,8 +1,8 @@
-"""Sequence-parallel training with 🤗 Accelerate: :class:`SequenceParallelPlugin`.
+"""Context-parallel training with 🤗 Accelerate: :class:`ContextParallelPlugin`.
 
     accelerator = Accelerator(gradient_accumulation_steps=2)
-    sp = SequenceParallelPlugin(sp_size=2)
-    model, optimizer, train_dl, scheduler = sp.prepare(accelerator, model, optimizer, train_dl, scheduler)
+    cp = ContextParallelPlugin(cp_size=2)
+    model, optimizer, train_dl, scheduler = cp.prepare(accelerator, model, optimizer, train_dl, scheduler)
     for batch in train_dl:                          # this rank's shard of its group's batch
         with accelerator.accumulate(model):
             loss = model(**batch).loss
@@ -20,79 +20,81 @@ micro-batches, is that token mean.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate.scheduler import AcceleratedScheduler
 from transformers import PreTrainedModel
 from transformers.utils import logging
 
-from .layout import check_layout
-from .parallel import ParallelLayout, check_trainable
-from .transformers import check_same_batch, patch_model, shard_batch
+from . import _compat
+from .cp import ContextParallelSetup, CPMesh
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 logger = logging.get_logger(__name__)
 
 
 @dataclass
-class SequenceParallelPlugin:
-    """Ring-attention sequence parallelism for an ``accelerate.Accelerator``.
+class ContextParallelPlugin:
+    """Ring-attention context parallelism for an ``accelerate.Accelerator``.
 
     Args:
-        sp_size (`int`, *optional*): ranks per sequence-parallel group (consecutive ranks);
-            default: the ``HF_RING_ATTENTION_SP_SIZE`` environment variable, else every process.
-            The ``world_size / sp_size`` groups are data-parallel replicas.
+        cp_size (`int`, *optional*): ranks per context-parallel group (consecutive ranks);
+            default: the ``HF_RING_ATTENTION_CP_SIZE`` environment variable, else every process.
+            The ``world_size / cp_size`` groups are data-parallel replicas.
         layout (`str`): ``"zigzag"`` (default), ``"contiguous"`` or ``"striped"``.
         backend (`str`, *optional*): kernel backend (see ``hf_ring_attention.kernels``).
         check_batches (`int`): on this many first batches, check (one all-gather of a checksum)
             that every rank of a group was given the same batch.
     """
 
-    sp_size: int | None = None
+    cp_size: int | None = None
     layout: str = "zigzag"
     backend: str | None = None
     check_batches: int = 2
-    parallel: ParallelLayout | None = field(default=None, init=False, repr=False)
+    cp: ContextParallelSetup = field(init=False, repr=False)
     model: PreTrainedModel | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
-        check_layout(self.layout)
-        if self.check_batches < 0:
-            raise ValueError(f"check_batches must be >= 0, got {self.check_batches}")
+        self.cp = ContextParallelSetup(self.cp_size, self.layout, self.backend, self.check_batches)
 
     @property
-    def group(self):
-        """The sequence-parallel process group of this rank (after :meth:`prepare`)."""
-        return self.parallel.group() if self.parallel is not None else None
+    def mesh(self) -> CPMesh | None:
+        """The dp x cp arrangement of the processes (after :meth:`setup`)."""
+        return self.cp.mesh
 
-    def setup(self, accelerator) -> ParallelLayout:
-        """Build the dp x sp process layout and make ``accelerator`` deal batches by sp group.
+    @property
+    def group(self) -> ProcessGroup | None:
+        """The context-parallel process group of this rank (after :meth:`setup`)."""
+        return self.cp.group
+
+    def setup(self, accelerator) -> CPMesh:
+        """Build the dp x cp process mesh and make ``accelerator`` deal batches by cp group.
         Called by :meth:`prepare`; call it yourself before ``accelerator.prepare`` if you
         prepare objects separately."""
-        if self.parallel is not None:
-            return self.parallel
-        self.parallel = ParallelLayout.install(self.sp_size, accelerator.state,
-                                               getattr(accelerator, "parallelism_config", None))
-        if self.parallel.mesh is not None:
+        if self.cp.mesh is not None:
+            return self.cp.mesh
+        mesh = self.cp.install(accelerator.state, getattr(accelerator, "parallelism_config", None))
+        if mesh.mesh is not None:
             config = accelerator.dataloader_config
             if config.dispatch_batches:
-                raise ValueError("dispatch_batches=True ignores sequence-parallel groups; use dispatch_batches=False")
+                raise ValueError("dispatch_batches=True ignores context-parallel groups; use dispatch_batches=False")
             config.dispatch_batches = False
         if accelerator.is_main_process:
-            logger.info(f"sequence parallel: {self.parallel.sp_size} ranks per group, "
-                        f"{self.parallel.dp_size} data-parallel groups, layout={self.layout}")
-        return self.parallel
+            logger.info(f"context parallel: {mesh.cp_size} ranks per group, "
+                        f"{mesh.dp_size} data-parallel groups, layout={self.layout}")
+        return mesh
 
     def prepare(self, accelerator, *objects):
-        """``accelerator.prepare(*objects)`` with sequence parallelism: models are patched for
+        """``accelerator.prepare(*objects)`` with context parallelism: models are patched for
         ring attention (and checked), data loaders yield this rank's shard of each batch with the
         exact loss normalisation, and schedulers step once per data-parallel batch."""
-        parallel = self.setup(accelerator)
+        mesh = self.setup(accelerator)
         for obj in objects:
             if isinstance(obj, torch.nn.Module):
-                model = _transformers_model(obj)
-                check_trainable(model)
-                patch_model(model, group=self.group, layout=self.layout, backend=self.backend)
-                self.model = model
+                self.model = self.cp.prepare_model(obj)
         if self.model is None and any(isinstance(o, torch.utils.data.DataLoader) for o in objects):
             raise ValueError(
                 "prepare the model with (or before) the data loaders: batches are sharded for a "
@@ -104,21 +106,8 @@ class SequenceParallelPlugin:
             if isinstance(obj, torch.utils.data.DataLoader):
                 prepared[i] = ShardedDataLoader(obj, self, accelerator, self.model)
             elif isinstance(obj, AcceleratedScheduler):
-                prepared[i] = _DataParallelScheduler(obj, parallel.dp_size)
+                prepared[i] = _DataParallelScheduler(obj, mesh.dp_size)
         return prepared[0] if len(prepared) == 1 else tuple(prepared)
-
-
-def _transformers_model(module) -> PreTrainedModel:
-    """The transformers model inside ``module`` (itself, or the base model of a PEFT model)."""
-    if isinstance(module, PreTrainedModel):
-        return module
-    base = module.get_base_model() if hasattr(module, "get_base_model") else None
-    if isinstance(base, PreTrainedModel):
-        return base
-    raise TypeError(
-        f"SequenceParallelPlugin patches transformers models for ring attention; got "
-        f"{type(module).__name__}. Pass the PreTrainedModel (before torch.compile or other wrappers)."
-    )
 
 
 class ShardedDataLoader:
@@ -127,9 +116,8 @@ class ShardedDataLoader:
     the G micro-batches of one optimizer step over all data-parallel replicas (G = 1 when the
     model is in eval mode). Everything else is delegated to the wrapped loader."""
 
-    def __init__(self, dataloader, plugin: SequenceParallelPlugin, accelerator, model=None):
+    def __init__(self, dataloader, plugin: ContextParallelPlugin, accelerator, model=None):
         self.dataloader, self.plugin, self.accelerator, self.model = dataloader, plugin, accelerator, model
-        self._checked = 0
 
     def __len__(self):
         return len(self.dataloader)
@@ -149,9 +137,8 @@ class ShardedDataLoader:
             sharded, total = self._shard_group(group)
             scale = self.accelerator.num_processes * accumulate
             for i, local in enumerate(sharded):
-                if last and hasattr(self.dataloader, "end_of_dataloader"):
-                    # tell accelerate's gradient accumulation where the loader really ends
-                    self.dataloader.end_of_dataloader = i == len(sharded) - 1
+                if last:  # tell accelerate's gradient accumulation where the loader really ends
+                    _compat.announce_end_of_dataloader(self.dataloader, i == len(sharded) - 1)
                 if "labels" in local:
                     local["num_items_in_batch"] = max(total, 1.0) / scale
                 yield local
@@ -164,9 +151,9 @@ class ShardedDataLoader:
         """Shard the micro-batches of one step and count their targets over all replicas. One
         all-reduce carries the count and whether any rank failed to shard, so that bad data
         raises on every rank instead of leaving the others waiting in a collective."""
-        plugin, error = self.plugin, None
+        cp, error = self.plugin.cp, None
         try:
-            sharded = [shard_batch(b, group=plugin.group, layout=plugin.layout) for b in group]
+            sharded = [cp.shard(b) for b in group]
             count = sum(local["ring_batch"].num_targets for local in sharded)
         except ValueError as exc:
             sharded, count, error = None, 0, exc
@@ -176,11 +163,9 @@ class ShardedDataLoader:
             raise error
         if stats[1]:
             raise ValueError(f"{int(stats[1])} rank(s) could not shard their batch (see their error)")
-        if self._checked < plugin.check_batches:
-            check_same_batch(sharded[0]["ring_batch"], device=self.accelerator.device)
-            self._checked += 1
-        # every rank of a sequence-parallel group counted the same batches
-        return sharded, stats[0] / plugin.parallel.sp_size
+        cp.check_batch(sharded[0]["ring_batch"], device=self.accelerator.device)
+        # every rank of a context-parallel group counted the same batches
+        return sharded, stats[0] / cp.mesh.cp_size
 
     def _next_group(self, batches, size):
         """Up to ``size`` batches, stopping early at the end of the loader (without asking the
@@ -191,7 +176,7 @@ class ShardedDataLoader:
                 group.append(next(batches))
             except StopIteration:
                 return group, False
-            if getattr(self.dataloader, "end_of_dataloader", False):
+            if _compat.at_end_of_dataloader(self.dataloader):
                 return group, True
         return group, False
 
@@ -199,7 +184,7 @@ class ShardedDataLoader:
 class _DataParallelScheduler:
     """An ``AcceleratedScheduler`` that advances once per data-parallel replica per optimizer
     step (accelerate's default advances once per *process*, which over-counts the ranks of a
-    sequence-parallel group that share one batch)."""
+    context-parallel group that share one batch)."""
 
     def __init__(self, scheduler, dp_size: int):
         self.scheduler, self.dp_size = scheduler, dp_size
@@ -208,16 +193,7 @@ class _DataParallelScheduler:
         return getattr(self.scheduler, name)
 
     def step(self, *args, **kwargs):
-        s = self.scheduler
-        if s.split_batches or not s.step_with_optimizer or not s.gradient_state.sync_gradients:
-            return s.step(*args, **kwargs)
-        if any(opt.step_was_skipped for opt in s.optimizers):
-            return None
-        for _ in range(self.dp_size):
-            # as accelerate does: OneCycleLR raises when stepped past its total_steps
-            if s.scheduler._step_count <= getattr(s.scheduler, "total_steps", float("inf")):
-                s.scheduler.step(*args, **kwargs)
-        return None
+        _compat.step_scheduler(self.scheduler, self.dp_size, *args, **kwargs)
 
     def state_dict(self):
         return self.scheduler.state_dict()

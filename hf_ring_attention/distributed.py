@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch.distributed as dist
 
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
-def group_size(group=None) -> int:
+
+def group_size(group: ProcessGroup | None = None) -> int:
     """World size of ``group`` (the default group if None); 1 when torch.distributed is not
     initialised, so the same code runs on a single process."""
     if not (dist.is_available() and dist.is_initialized()):
@@ -15,7 +20,7 @@ def group_size(group=None) -> int:
     return dist.get_world_size(group)
 
 
-def group_rank(group=None) -> int:
+def group_rank(group: ProcessGroup | None = None) -> int:
     """This process's rank inside ``group``; raises a ValueError if it is not a member."""
     if not (dist.is_available() and dist.is_initialized()):
         if group is not None:
@@ -25,13 +30,13 @@ def group_rank(group=None) -> int:
     if rank < 0:
         raise ValueError(
             f"global rank {dist.get_rank()} is not a member of the process group passed as "
-            f"group= (ranks {dist.get_process_group_ranks(group)}); pass the sequence-parallel "
+            f"group= (ranks {dist.get_process_group_ranks(group)}); pass the context-parallel "
             f"group that contains this rank."
         )
     return rank
 
 
-def global_rank(group, rank: int) -> int:
+def global_rank(group: ProcessGroup | None, rank: int) -> int:
     """Global rank of ``rank`` in ``group`` (P2P ops address peers by global rank)."""
     if group is None or group is dist.group.WORLD:
         return rank

@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Sequence
+
 import torch
 import torch.distributed as dist
 
 from .distributed import group_rank, group_size
 from .layout import as_boundaries, check_total, local_indices
 
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
-def _bounds(cu_seqlens, total: int) -> list[int]:
+
+def _bounds(cu_seqlens: torch.Tensor | None, total: int) -> list[int]:
     bounds = as_boundaries(cu_seqlens, total)
     check_total(bounds, total)
     return bounds
 
 
-def shard(x: torch.Tensor, cu_seqlens=None, *, dim: int = 0, group=None, layout: str = "zigzag") -> torch.Tensor:
+def shard(x: torch.Tensor, cu_seqlens: torch.Tensor | None = None, *, dim: int = 0,
+          group: ProcessGroup | None = None, layout: str = "zigzag") -> torch.Tensor:
     """This rank's part of the full tensor ``x`` (no communication).
 
     Args:
@@ -24,7 +30,7 @@ def shard(x: torch.Tensor, cu_seqlens=None, *, dim: int = 0, group=None, layout:
             None means one document. Every document length must be a multiple of the layout's
             need (2 x world size for zigzag, world size otherwise): see :func:`pad_for_layout`.
         dim (`int`): the token dimension.
-        group (`ProcessGroup`, *optional*): the sequence-parallel group (None: default group).
+        group (`ProcessGroup`, *optional*): the context-parallel group (None: default group).
         layout (`str`): ``"zigzag"`` (default), ``"contiguous"`` or ``"striped"``.
 
     Returns:
@@ -36,7 +42,8 @@ def shard(x: torch.Tensor, cu_seqlens=None, *, dim: int = 0, group=None, layout:
     return x.index_select(dim, index)
 
 
-def unshard(x_local: torch.Tensor, cu_seqlens=None, *, dim: int = 0, group=None, layout: str = "zigzag") -> torch.Tensor:
+def unshard(x_local: torch.Tensor, cu_seqlens: torch.Tensor | None = None, *, dim: int = 0,
+            group: ProcessGroup | None = None, layout: str = "zigzag") -> torch.Tensor:
     """The full tensor, on every rank, from every rank's part (one all-gather).
 
     Inverse of :func:`shard`: ``unshard(shard(x)) == x``. Differentiable when ``x_local``
@@ -44,7 +51,14 @@ def unshard(x_local: torch.Tensor, cu_seqlens=None, *, dim: int = 0, group=None,
     """
     world_size = group_size(group)
     group_rank(group)  # raises if this process is not in the group
-    bounds = _bounds(cu_seqlens, x_local.shape[dim] * world_size)
+    return unshard_bounds(x_local, _bounds(cu_seqlens, x_local.shape[dim] * world_size), dim=dim,
+                          group=group, layout=layout)
+
+
+def unshard_bounds(x_local: torch.Tensor, bounds: Sequence[int], *, dim: int = 0,
+                   group: ProcessGroup | None = None, layout: str = "zigzag") -> torch.Tensor:
+    """:func:`unshard` with the document boundaries as a checked list of ints (``bounds``)."""
+    world_size = group_size(group)
     index = torch.cat([local_indices(bounds, layout, world_size, r) for r in range(world_size)])
     if world_size == 1:
         gathered = x_local

@@ -1,13 +1,13 @@
-"""Sequence-parallel training with the transformers ``Trainer``: :class:`RingAttentionCallback`.
+"""Context-parallel training with the transformers ``Trainer``: :class:`RingAttentionCallback`.
 
-    ring = RingAttentionCallback(sp_size=2)
+    ring = RingAttentionCallback(cp_size=2)
     trainer = Trainer(model, args, train_dataset=ds, eval_dataset=eval_ds,
                       data_collator=ring.data_collator(collator), callbacks=[ring])
 
 A callback cannot touch the batches (the Trainer passes none to it), so the callback comes with
 one companion piece, a collator wrapper: it shards each collated batch with ``shard_batch``. The
-callback builds the dp x sp process layout when the Trainer is created (so that the Trainer's data
-loader deals one batch per sequence-parallel group), patches the model, refuses what cannot be
+callback builds the dp x cp process mesh when the Trainer is created (so that the Trainer's data
+loader deals one batch per context-parallel group), patches the model, refuses what cannot be
 exact, and checks on the first steps that the ranks of a group received the same batch.
 
 Exactness follows from the Trainer's own bookkeeping: it counts the targets of the sharded
@@ -21,36 +21,32 @@ from __future__ import annotations
 
 from transformers import TrainerCallback, default_data_collator
 
-from .layout import check_layout
-from .parallel import ParallelLayout, check_trainable
-from .transformers import check_same_batch, patch_model, shard_batch
+from .cp import ContextParallelSetup
 
 
 class RingAttentionCallback(TrainerCallback):
-    """Trains a transformers model with ring attention across sequence-parallel groups.
+    """Trains a transformers model with ring attention across context-parallel groups.
 
     Args:
-        sp_size (`int`, *optional*): ranks per sequence-parallel group (consecutive ranks);
-            default: the ``HF_RING_ATTENTION_SP_SIZE`` environment variable, else every process.
+        cp_size (`int`, *optional*): ranks per context-parallel group (consecutive ranks);
+            default: the ``HF_RING_ATTENTION_CP_SIZE`` environment variable, else every process.
         layout (`str`): ``"zigzag"`` (default), ``"contiguous"`` or ``"striped"``.
         backend (`str`, *optional*): kernel backend (see ``hf_ring_attention.kernels``).
         check_batches (`int`): on this many first forward passes, check that every rank of a
             group was given the same batch.
     """
 
-    def __init__(self, sp_size: int | None = None, layout: str = "zigzag", backend: str | None = None,
+    def __init__(self, cp_size: int | None = None, layout: str = "zigzag", backend: str | None = None,
                  check_batches: int = 2):
-        check_layout(layout)
-        self.sp_size, self.layout, self.backend, self.check_batches = sp_size, layout, backend, check_batches
-        self.parallel: ParallelLayout | None = None
+        self.cp = ContextParallelSetup(cp_size, layout, backend, check_batches)
         self._hook = None
-        self._checked = 0
 
     @property
     def group(self):
-        return self.parallel.group() if self.parallel is not None else None
+        """The context-parallel process group of this rank (once the Trainer is created)."""
+        return self.cp.group
 
-    def data_collator(self, collator=None) -> "ShardingCollator":
+    def data_collator(self, collator=None) -> ShardingCollator:
         """The Trainer's ``data_collator``: ``collator`` (default: transformers'
         ``default_data_collator``) followed by ``shard_batch``."""
         return ShardingCollator(self, collator or default_data_collator)
@@ -61,7 +57,7 @@ class RingAttentionCallback(TrainerCallback):
         if getattr(getattr(args, "accelerator_config", None), "dispatch_batches", None):
             raise ValueError(
                 "accelerator_config.dispatch_batches=True sends every process a slice of one batch, "
-                "ignoring sequence-parallel groups; set it to False"
+                "ignoring context-parallel groups; set it to False"
             )
         if args.world_size > 1 and not args.average_tokens_across_devices:
             raise ValueError(
@@ -70,18 +66,15 @@ class RingAttentionCallback(TrainerCallback):
             )
         if model is None:
             raise ValueError("RingAttentionCallback needs the Trainer's model")
-        check_trainable(model)
-        if self.parallel is None:
-            # the Trainer's data loader then deals the same batch to the ranks of an sp group
-            self.parallel = ParallelLayout.install(self.sp_size, AcceleratorState(),
-                                                   getattr(args, "parallelism_config", None))
-        patch_model(model, group=self.group, layout=self.layout, backend=self.backend)
-        if self._hook is None and self.check_batches:
+        # the Trainer's data loader then deals the same batch to the ranks of a cp group
+        self.cp.install(AcceleratorState(), getattr(args, "parallelism_config", None))
+        model = self.cp.prepare_model(model)
+        if self._hook is None and self.cp.check_batches:
             self._hook = model.register_forward_pre_hook(self._check_batch, with_kwargs=True)
 
     def on_step_end(self, args, state, control, **kwargs):
         # The Trainer's final train_loss adds the loss accumulated since the last log *without*
-        # averaging it over processes: fine for data parallelism, wrong for sequence parallelism
+        # averaging it over processes: fine for data parallelism, wrong for context parallelism
         # (each rank holds only its tokens' share). Logging at the last step averages it.
         if state.max_steps and state.global_step >= state.max_steps:
             control.should_log = True
@@ -89,10 +82,9 @@ class RingAttentionCallback(TrainerCallback):
 
     def _check_batch(self, module, args, kwargs):
         ring_batch = kwargs.get("ring_batch")
-        if ring_batch is not None and self._checked < self.check_batches:
-            self._checked += 1
-            check_same_batch(ring_batch, device=kwargs["input_ids"].device)
-        if self._checked >= self.check_batches and self._hook is not None:
+        if ring_batch is not None:
+            self.cp.check_batch(ring_batch, device=kwargs["input_ids"].device)
+        if self.cp.checked_all and self._hook is not None:
             self._hook.remove()
             self._hook = None
 
@@ -110,10 +102,10 @@ class ShardingCollator:
     def __call__(self, features):
         batch = self.collator(features)
         batch = {k: v for k, v in batch.items() if v is not None}
-        callback = self.callback
-        if callback.parallel is None:
+        cp = self.callback.cp
+        if cp.mesh is None:
             raise RuntimeError("pass the RingAttentionCallback to the Trainer's callbacks as well as its data_collator")
-        local = shard_batch(batch, group=callback.group, layout=callback.layout)
+        local = cp.shard(batch)
         if "labels" in local:
-            local["num_items_in_batch"] = max(local["ring_batch"].num_targets, 1) / callback.parallel.sp_size
+            local["num_items_in_batch"] = max(local["ring_batch"].num_targets, 1) / cp.mesh.cp_size
         return local

@@ -1,4 +1,5 @@
-"""Tiny randomly initialised transformers models, built from configs (no downloads)."""
+"""Tiny randomly initialised transformers models, built from configs (no downloads), and the
+batches and training examples the integration tests feed them."""
 
 import torch
 from transformers import (
@@ -55,3 +56,29 @@ def reference_kwargs(batch):
     """Arguments for the unpatched model on the full batch (packing needs use_cache=False to be
     detected from position_ids by transformers)."""
     return {**batch, "use_cache": False}
+
+
+# ------------------------------------------------------------------- training examples
+BATCH, SEQ = 2, 26  # rows per micro-batch, tokens per row
+LR = 0.05
+
+
+def examples(n, packed, seed=0):
+    """Causal-LM examples of SEQ tokens; packed ones hold documents with restarting positions
+    and no target across a document start (labels -100 there, as DataCollatorWithFlattening)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        ids = torch.randint(0, VOCAB, (SEQ,), generator=gen)
+        ex = {"input_ids": ids, "labels": ids.clone()}
+        if packed:
+            cut = [0, 5 + i % 7, 17, SEQ]
+            pos = torch.cat([torch.arange(b - a) for a, b in zip(cut, cut[1:])])
+            ex["position_ids"] = pos
+            ex["labels"][pos == 0] = -100
+        out.append(ex)
+    return out
+
+
+def collate(features):
+    return {k: torch.stack([f[k] for f in features]) for k in features[0]}

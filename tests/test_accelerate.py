@@ -1,4 +1,4 @@
-"""SequenceParallelPlugin under Accelerate: sp=2 and dp=2 x sp=2 training equals one process
+"""ContextParallelPlugin under Accelerate: cp=2 and dp=2 x cp=2 training equals one process
 training on the same global batches, step by step (losses) and at the end (weights)."""
 
 import pytest
@@ -6,38 +6,18 @@ import torch
 import torch.nn.functional as F
 
 from helpers import launch
-from models import VOCAB, tiny_model
+from models import BATCH, LR, collate, examples, tiny_model
 
-STEPS, BATCH, SEQ = 3, 2, 26
-LR = 0.05
+STEPS = 3
 
-
-def examples(n, packed, seed=0):
-    """Causal-LM examples of SEQ tokens; packed ones hold documents with restarting positions
-    and no target across a document start (labels -100 there, as DataCollatorWithFlattening)."""
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        ids = torch.randint(0, VOCAB, (SEQ,), generator=gen)
-        ex = {"input_ids": ids, "labels": ids.clone()}
-        if packed:
-            cut = [0, 5 + i % 7, 17, SEQ]
-            pos = torch.cat([torch.arange(b - a) for a, b in zip(cut, cut[1:])])
-            ex["position_ids"] = pos
-            ex["labels"][pos == 0] = -100
-        out.append(ex)
-    return out
-
-
-def collate(features):
-    return {k: torch.stack([f[k] for f in features]) for k in features[0]}
+pytestmark = pytest.mark.distributed
 
 
 def reference(dp, accumulate, packed):
     """One process, plain PyTorch: per optimizer step, the token-mean loss over the global batch
     (dp replicas x accumulate micro-batches), SGD with momentum, and a linear warm-up that
     advances once per data-parallel replica per step (accelerate's convention for schedulers:
-    one step per batch of one process; the ranks of a sequence-parallel group share a batch)."""
+    one step per batch of one process; the ranks of a context-parallel group share a batch)."""
     model = tiny_model("llama")
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / STEPS)
@@ -64,20 +44,20 @@ def reference(dp, accumulate, packed):
     return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _train(rank, world_size, sp_size, accumulate, packed, result_path):
+def _train(rank, world_size, cp_size, accumulate, packed, result_path):
     from accelerate import Accelerator
 
-    from hf_ring_attention.accelerate import SequenceParallelPlugin
+    from hf_ring_attention.accelerate import ContextParallelPlugin
 
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accumulate)
-    dp = world_size // sp_size
+    dp = world_size // cp_size
     model = tiny_model("llama")
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / STEPS)
     data = examples(STEPS * dp * accumulate * BATCH, packed)
     loader = torch.utils.data.DataLoader(data, batch_size=BATCH, shuffle=False, collate_fn=collate)
-    sp = SequenceParallelPlugin(sp_size=sp_size)
-    model, opt, loader, sched = sp.prepare(accelerator, model, opt, loader, sched)
+    cp = ContextParallelPlugin(cp_size=cp_size)
+    model, opt, loader, sched = cp.prepare(accelerator, model, opt, loader, sched)
     losses, running = [], 0.0
     for batch in loader:
         with accelerator.accumulate(model):
@@ -96,15 +76,15 @@ def _train(rank, world_size, sp_size, accumulate, packed, result_path):
 
 
 @pytest.mark.parametrize(
-    "world_size, sp_size, accumulate, packed",
+    "world_size, cp_size, accumulate, packed",
     [(2, 2, 1, False), (2, 2, 2, True), (4, 2, 1, True), (4, 2, 2, False)],
-    ids=["sp2", "sp2-accum2-packed", "dp2xsp2-packed", "dp2xsp2-accum2"],
+    ids=["cp2", "cp2-accum2-packed", "dp2xcp2-packed", "dp2xcp2-accum2"],
 )
-def test_training_matches_one_process(tmp_path, world_size, sp_size, accumulate, packed):
+def test_training_matches_one_process(tmp_path, world_size, cp_size, accumulate, packed):
     path = tmp_path / "result.pt"
-    launch(_train, world_size, sp_size, accumulate, packed, str(path))
+    launch(_train, world_size, cp_size, accumulate, packed, str(path))
     got = torch.load(path)
-    ref_losses, ref_state = reference(world_size // sp_size, accumulate, packed)
+    ref_losses, ref_state = reference(world_size // cp_size, accumulate, packed)
     assert len(got["losses"]) == STEPS
     for step, (a, b) in enumerate(zip(got["losses"], ref_losses)):
         assert abs(a - b) <= 1e-5 * abs(b), f"step {step}: loss {a} vs {b}"
@@ -117,34 +97,34 @@ def test_training_matches_one_process(tmp_path, world_size, sp_size, accumulate,
 def _bad_setups(rank, world_size):
     from accelerate import Accelerator
 
-    from hf_ring_attention.accelerate import SequenceParallelPlugin
-    from hf_ring_attention.transformers import check_same_batch, shard_batch
+    from hf_ring_attention.accelerate import ContextParallelPlugin
+    from hf_ring_attention.batch import check_same_batch, shard_batch
 
     accelerator = Accelerator(cpu=True)
-    with pytest.raises(ValueError, match=r"sp_size=3 must be a positive divisor of the number of processes \(2\)"):
-        SequenceParallelPlugin(sp_size=3).setup(accelerator)
+    with pytest.raises(ValueError, match=r"cp_size=3 must be a positive divisor of the number of processes \(2\)"):
+        ContextParallelPlugin(cp_size=3).setup(accelerator)
     model = tiny_model("llama")
     model.config.attention_dropout = 0.1
     with pytest.raises(ValueError, match=r"attention_dropout=0.1"):
-        SequenceParallelPlugin(sp_size=2).prepare(accelerator, model)
-    sp = SequenceParallelPlugin(sp_size=2)
-    sp.setup(accelerator)
+        ContextParallelPlugin(cp_size=2).prepare(accelerator, model)
+    cp = ContextParallelPlugin(cp_size=2)
+    cp.setup(accelerator)
     with pytest.raises(ValueError, match="sequence length 3 is shorter than the 4 tokens"):
-        shard_batch({"input_ids": torch.zeros(1, 3, dtype=torch.long)}, group=sp.group)
+        shard_batch({"input_ids": torch.zeros(1, 3, dtype=torch.long)}, group=cp.group)
     # each rank loads a different batch: every rank raises, none hangs
     ids = torch.full((1, 8), rank, dtype=torch.long)
     with pytest.raises(ValueError, match="different batches"):
-        check_same_batch(shard_batch({"input_ids": ids}, group=sp.group)["ring_batch"])
-    check_same_batch(shard_batch({"input_ids": torch.zeros(1, 8, dtype=torch.long)}, group=sp.group)["ring_batch"])
+        check_same_batch(shard_batch({"input_ids": ids}, group=cp.group)["ring_batch"])
+    check_same_batch(shard_batch({"input_ids": torch.zeros(1, 8, dtype=torch.long)}, group=cp.group)["ring_batch"])
     with pytest.raises(TypeError, match="got Linear"):
-        SequenceParallelPlugin(sp_size=2).prepare(accelerator, torch.nn.Linear(2, 2))
+        ContextParallelPlugin(cp_size=2).prepare(accelerator, torch.nn.Linear(2, 2))
     loader = torch.utils.data.DataLoader(examples(2, packed=False), batch_size=1, collate_fn=collate)
     with pytest.raises(ValueError, match="prepare the model with"):
-        SequenceParallelPlugin(sp_size=2).prepare(accelerator, loader)
+        ContextParallelPlugin(cp_size=2).prepare(accelerator, loader)
     # rank 0 holds a batch it cannot shard: both ranks raise, neither waits for the other
     bad = [{"input_ids": torch.zeros(8, dtype=torch.long),
             "attention_mask": torch.tensor([1, 0, 1, 1, 1, 1, 1, 1] if rank == 0 else [1] * 8)}]
-    _, loader = SequenceParallelPlugin(sp_size=2, check_batches=0).prepare(
+    _, loader = ContextParallelPlugin(cp_size=2, check_batches=0).prepare(
         accelerator, tiny_model("llama"), torch.utils.data.DataLoader(bad, batch_size=1, collate_fn=collate))
     expected = "padding between its tokens" if rank == 0 else "1 rank.s. could not shard"
     with pytest.raises(ValueError, match=expected):

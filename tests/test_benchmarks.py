@@ -56,6 +56,7 @@ def test_kernel_efficiency_rejects_sizes_a_layout_cannot_split(tmp_path):
     assert proc.returncode != 0 and "must be a multiple of" in proc.stderr
 
 
+@pytest.mark.distributed
 def test_cpu_ring_smoke_reports_overlap_and_balance(tmp_path):
     payload = run_script("cpu_ring.py", tmp_path / "r.json", "--tokens", "64", "--heads", "2",
                          "--kv-heads", "1", "--head-dim", "8", "--layouts", "zigzag,contiguous",
@@ -74,6 +75,7 @@ def test_cpu_ring_smoke_reports_overlap_and_balance(tmp_path):
         assert (r["transfers_fwd"], r["transfers_fwd_bwd"]) == (1, 4)
 
 
+@pytest.mark.distributed
 def test_memory_smoke_reports_peak_per_rank_and_budget(tmp_path):
     payload = run_script("memory.py", tmp_path / "m.json", "--device", "cpu", "--world-sizes", "1,2",
                          "--seq-lens", "128", "--budget-gib", "1")
@@ -89,6 +91,7 @@ def test_memory_smoke_reports_peak_per_rank_and_budget(tmp_path):
     assert fits[1]["longest_measured_fitting"] == fits[2]["longest_measured_fitting"] == 128
 
 
+@pytest.mark.distributed
 def test_memory_model_mode_measures_a_patched_llama_training_step(tmp_path):
     payload = run_script("memory.py", tmp_path / "mm.json", "--model", "--world-sizes", "1,2", "--seq-lens", "64",
                          "--layers", "1", "--hidden-size", "64", "--heads", "4", "--kv-heads", "2",

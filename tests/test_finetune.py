@@ -14,6 +14,7 @@ from helpers import free_port
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.distributed
 def test_accelerate_launch_finetune_runs_and_saves_a_loadable_checkpoint(tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -25,10 +26,10 @@ def test_accelerate_launch_finetune_runs_and_saves_a_loadable_checkpoint(tmp_pat
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": path}
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "2 processes on cpu: 1 data-parallel x 2 sequence-parallel" in run.stdout
+    assert "2 processes on cpu: 1 data-parallel x 2 context-parallel" in run.stdout
     assert "peak memory per rank (GiB)" in run.stdout
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert metrics["processes"] == 2 and metrics["sp_size"] == 2 and metrics["eval_examples"] == 4
+    assert metrics["processes"] == 2 and metrics["cp_size"] == 2 and metrics["eval_examples"] == 4
     assert metrics["train_loss"] > 0 and metrics["eval_loss"] > 0 and metrics["tokens_per_second"] > 0
     assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and len(metrics["peak_memory_gib_per_rank"]) == 2
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")

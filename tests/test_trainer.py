@@ -1,13 +1,15 @@
-"""RingAttentionCallback with the transformers Trainer on 2 processes (sp=2): logged training
+"""RingAttentionCallback with the transformers Trainer on 2 processes (cp=2): logged training
 losses, evaluation loss and final weights equal one process training on the same batches;
 checkpoints resume exactly and load with from_pretrained."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from helpers import launch
-from models import tiny_model
-from test_accelerate import BATCH, LR, collate, examples
+from models import BATCH, LR, collate, examples, tiny_model
+
+pytestmark = pytest.mark.distributed
 
 STEPS, ACCUMULATE = 3, 2
 
@@ -61,7 +63,7 @@ def _train(rank, world_size, out_dir):
             save_strategy="steps", save_steps=2, report_to=[], use_cpu=True, seed=0,
             prediction_loss_only=True, disable_tqdm=True,
         )
-        ring = RingAttentionCallback(sp_size=2)
+        ring = RingAttentionCallback(cp_size=2)
         return SequentialTrainer(model=tiny_model("llama"), args=args,
                        train_dataset=examples(STEPS * ACCUMULATE * BATCH, packed=True),
                        eval_dataset=examples(4, packed=True, seed=1),

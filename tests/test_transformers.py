@@ -54,11 +54,13 @@ def _parity(rank, world_size, kinds, layouts):
     _compare(kinds[0], layouts[0], world_size, rank, training=False)
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_llama_mistral_qwen_match_unpatched_model(world_size):
     spawn(_parity, world_size, ["llama", "mistral", "qwen2", "qwen3"], ["zigzag"])
 
 
+@pytest.mark.distributed
 def test_every_layout_matches_unpatched_model():
     spawn(_parity, 2, ["mistral"], ["contiguous", "striped"])
 
@@ -98,7 +100,7 @@ def test_shift_labels_drop_targets_at_document_ends_and_padding():
     mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 1, 0, 0]])
     local = hra.shard_batch({"input_ids": ids, "position_ids": pos, "attention_mask": mask, "labels": ids})
     rb = local["ring_batch"]
-    assert rb.seqused == [3, 2, 3] and rb.cu_seqlens == [0, 3, 5, 8]  # one rank: no layout padding
+    assert rb.lengths == [3, 2, 3] and rb.bounds == [0, 3, 5, 8]  # one rank: no layout padding
     targets = rb.gather(local["shift_labels"][..., None], fill=-7)[0, :, 0].tolist()
     assert targets == [1, 2, -100, 4, -100, 6, 7, -100, -7, -7]
     assert local["num_items_in_batch"] == 5 == hra.count_targets({"input_ids": ids, "position_ids": pos,
