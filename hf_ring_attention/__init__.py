@@ -3,6 +3,7 @@
 from .batch import RingBatch, count_targets, shard_batch
 from .inprocess import InProcessRing
 from .layout import LAYOUTS, Padded, pad_for_layout, unpad
+from .module import RingAttention
 from .plan import RingPlan
 from .ring import ring_attention, ring_attention_with_plan
 from .sharding import shard, unshard
@@ -23,6 +24,7 @@ __all__ = [
     "LAYOUTS",
     "InProcessRing",
     "Padded",
+    "RingAttention",
     "RingBatch",
     "RingPlan",
     "count_targets",
