@@ -11,31 +11,46 @@ per rank, and saves a checkpoint that ``from_pretrained`` loads:
 (On a machine without GPUs the processes run on CPU with gloo. ``accelerate launch --cpu``
 starts a single process whatever --num_processes says, so it is not the way to run several.)
 
-For real runs, name a model and data:
+For real runs, name a model and data (evaluation then reports loss and perplexity on held-out
+rows, and the tokenizer is saved beside the weights):
 
     accelerate launch --multi_gpu --num_processes 8 examples/finetune.py \\
-        --model meta-llama/Llama-3.2-1B --dataset my_corpus.jsonl --seq-len 65536 --cp-size 4
+        --model meta-llama/Llama-3.2-1B --dataset my_corpus.jsonl --seq-len 65536 --cp-size 4 \\
+        --save-steps 200
+
+A run that lasts hours: ``--save-steps N`` saves a checkpoint every N steps (accelerate's
+``save_state``: model, optimizer, scheduler and every process's random states, plus job.json: the
+data position and the arguments); after a failure, the same command with ``--resume latest``
+continues bit for bit. A process that stops answering makes the others fail after ``--timeout``
+seconds (default 600). Progress goes to a bar on a terminal and to a plain line every
+``--log-steps`` steps otherwise; every step's loss goes to OUTPUT_DIR/train_log.jsonl.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import math
 import os
 import random
+import re
 import resource
+import shutil
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import InitProcessGroupKwargs, set_seed
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, get_scheduler
+from transformers.utils import logging as hf_logging
 
 from hf_ring_attention.accelerate import ContextParallelPlugin
+from hf_ring_attention.cp import resolve_cp_size
 
 # --------------------------------------------------------------------- passkey retrieval
 # Token ids of the synthetic task. The five-digit key is hidden in random filler as five tokens
@@ -97,24 +112,141 @@ class PasskeyDataset(torch.utils.data.Dataset):
         return make(self.seq_len, self.seed * 1_000_003 + i)
 
 
+# the shortest passkey document: BOS, the five key tokens, the question and its ten answer tokens
+PASSKEY_MIN_LEN = 1 + len(SLOTS) + 1 + 2 * len(SLOTS)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A new order of the training rows each epoch, a function of (seed, epoch) alone, so that a
+    resumed run knows the order of the epoch it stopped in. Accelerate's data loader calls
+    :meth:`set_epoch` with its count of passes, and the training loop sets it when resuming."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.size
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+
+# ------------------------------------------------------------------------------ errors
+class InputError(ValueError):
+    """A bad argument, data file or output directory. Every process finds it alike, so it is
+    reported once (by the first process of each machine) and every process exits with status 2
+    before any of them waits for another."""
+
+
+def reports_errors() -> bool:
+    """Whether this process prints what every process finds alike: the first process of its
+    machine (``LOCAL_RANK`` 0; a plain ``python`` run is one)."""
+    return os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")) == "0"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with its messages (usage, errors, --help) printed by one process per machine:
+    under ``accelerate launch`` every process parses the same arguments."""
+
+    def _print_message(self, message, file=None):
+        if reports_errors():
+            super()._print_message(message, file)
+
+    def fail(self, message: str):
+        """Exit with status 2 and ``finetune.py: error: message`` (no usage: for data errors)."""
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 # ------------------------------------------------------------------------- real text
+LOCAL_SUFFIXES = (".jsonl", ".json", ".txt")
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether ``--dataset`` names a local file rather than a 🤗 datasets repository (``owner/name``)."""
+    return name.startswith(("/", "./", "../", "~")) or Path(name).suffix in LOCAL_SUFFIXES
+
+
+def missing_file(path: Path) -> str:
+    """'no such file', with the close names in its folder."""
+    if not path.parent.is_dir():
+        return f"--dataset: no such file {str(path)!r} (no folder {str(path.parent)!r})"
+    near = difflib.get_close_matches(path.name, [p.name for p in path.parent.iterdir()], n=3)
+    hint = f" (did you mean {' or '.join(repr(str(path.parent / n)) for n in near)}?)" if near else ""
+    return f"--dataset: no such file {str(path)!r}{hint}"
+
+
+def read_records(path: Path, text_field: str) -> list[str]:
+    """The ``text_field`` of every record of a .jsonl file (one JSON object per line; blank lines
+    are skipped) or of a .json file holding a list of objects."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path} line {exc.lineno}: not valid JSON ({exc.msg}, column {exc.colno})") from None
+        located = [(f"item {i}", record) for i, record in enumerate(records)]
+    else:
+        located = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                located.append((f"line {lineno}", json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise InputError(
+                    f"{path} line {lineno}: not valid JSON ({exc.msg}, column {exc.colno}); "
+                    f"a {path.suffix} file holds one JSON object per line") from None
+    docs = []
+    for where, record in located:
+        if not isinstance(record, dict):
+            raise InputError(f"{path} {where}: a JSON {type(record).__name__}, "
+                             f"not an object with a {text_field!r} field")
+        if text_field not in record:
+            fields = ", ".join(map(repr, record)) or "none"
+            raise InputError(f"{path} {where}: no field {text_field!r} (its fields: {fields}); "
+                             f"name the text field with --text-field")
+        if not isinstance(record[text_field], str):
+            raise InputError(f"{path} {where}: field {text_field!r} is a {type(record[text_field]).__name__}, not text")
+        docs.append(record[text_field])
+    return docs
+
+
 def load_documents(name: str, text_field: str) -> list[str]:
-    """Documents from local .jsonl/.json (one object per line), .txt files (one document each),
-    or a 🤗 datasets name (needs ``pip install datasets``)."""
-    paths = [Path(p) for p in name.split(",")]
-    if all(p.exists() for p in paths):
+    """Documents from local .jsonl/.json (one object per line, or a list of objects), .txt files
+    (one document each), or a 🤗 datasets name (needs ``pip install datasets``). Raises
+    :class:`InputError` naming the file and line of what cannot be read."""
+    paths = [Path(p.strip()).expanduser() for p in name.split(",")]
+    missing = [p for p in paths if not p.exists()]
+    if len(paths) > 1 or not missing or looks_like_path(name):
+        if missing:
+            raise InputError(missing_file(missing[0]))
         docs = []
         for p in paths:
-            if p.suffix in (".jsonl", ".json"):
-                docs += [json.loads(line)[text_field] for line in p.read_text().splitlines() if line.strip()]
-            else:
-                docs.append(p.read_text())
+            if p.is_dir():
+                raise InputError(f"--dataset: {str(p)!r} is a folder; name its files, comma-separated")
+            try:
+                json_file = p.suffix in (".jsonl", ".json")
+                docs += read_records(p, text_field) if json_file else [p.read_text(encoding="utf-8")]
+            except UnicodeDecodeError as exc:
+                raise InputError(f"{p}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
         return docs
     try:
         import datasets
     except ImportError:
-        sys.exit(f"--dataset {name!r} is not a local file; loading it from the Hub needs `pip install datasets`")
-    return list(datasets.load_dataset(name, split="train")[text_field])
+        raise InputError(f"--dataset {name!r} is not a local file, and loading it from the 🤗 Hub "
+                         f"needs `pip install datasets`") from None
+    try:
+        train = datasets.load_dataset(name, split="train")
+    except Exception as exc:  # the Hub's errors vary (not found, gated, offline): pass them on
+        raise InputError(f"--dataset {name!r}: {type(exc).__name__}: {exc}") from None
+    if text_field not in train.column_names:
+        raise InputError(f"--dataset {name!r} has no column {text_field!r} (its columns: "
+                         f"{', '.join(train.column_names)}); name the text column with --text-field")
+    return list(train[text_field])
 
 
 def packed_examples(docs: list[str], tokenizer, seq_len: int) -> list[dict]:
@@ -132,7 +264,7 @@ def packed_examples(docs: list[str], tokenizer, seq_len: int) -> list[dict]:
         row = torch.tensor(ids[start:start + seq_len])
         rows.append({"input_ids": row, "position_ids": torch.tensor(pos[start:start + seq_len]), "labels": row.clone()})
     if not rows:
-        sys.exit(f"the dataset has {len(ids)} tokens, fewer than one row of --seq-len {seq_len}")
+        raise InputError(f"the dataset has {len(ids)} tokens, fewer than one row of --seq-len {seq_len}")
     return rows
 
 
@@ -140,12 +272,12 @@ def collate(features):
     return {k: torch.stack([f[k] for f in features]) for k in features[0]}
 
 
-# ------------------------------------------------------------------------------ main
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+# ------------------------------------------------------------------------- arguments
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model name or path for from_pretrained (default: a small Llama built from a config, for the passkey task)")
-    p.add_argument("--dataset", default=None, help="local .jsonl/.txt files (comma-separated) or a 🤗 datasets name (default: synthetic passkey retrieval)")
-    p.add_argument("--text-field", default="text", help="text field of JSONL / datasets records (default: text)")
+    p.add_argument("--dataset", default=None, help="local .jsonl/.json/.txt files (comma-separated) or a 🤗 datasets name (default: synthetic passkey retrieval)")
+    p.add_argument("--text-field", default="text", help="text field of JSON / datasets records (default: text)")
     p.add_argument("--seq-len", type=int, default=3072, help="tokens per sequence (default: 3072)")
     p.add_argument("--cp-size", type=int, default=None, help="ranks per context-parallel group (default: all processes, or HF_RING_ATTENTION_CP_SIZE)")
     p.add_argument("--layout", default="zigzag", choices=["zigzag", "contiguous", "striped"], help="how sequences are split (default: zigzag)")
@@ -156,12 +288,189 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: 2e-3)")
     p.add_argument("--warmup-steps", type=int, default=10, help="linear warm-up steps (default: 10)")
     p.add_argument("--eval-examples", type=int, default=32, help="held-out examples to evaluate (default: 32)")
-    p.add_argument("--output-dir", default="outputs/finetune", help="where the checkpoint and metrics.json go (default: outputs/finetune)")
+    p.add_argument("--output-dir", default="outputs/finetune", help="where the model, checkpoints, train_log.jsonl and metrics.json go (default: outputs/finetune)")
+    p.add_argument("--overwrite", action="store_true", help="train in a non-empty --output-dir, deleting its checkpoints and logs first")
+    p.add_argument("--save-steps", type=int, default=0, help="save a checkpoint (model, optimizer, scheduler, random states, data position) every N steps, as OUTPUT_DIR/checkpoint-STEP (default: 0, none)")
+    p.add_argument("--save-total-limit", type=int, default=None, help="keep only the newest N checkpoints (default: keep all)")
+    p.add_argument("--resume", default=None, metavar="CHECKPOINT", help="continue the run saved in a checkpoint folder, or 'latest' (the newest in --output-dir); other arguments must match the run's")
+    p.add_argument("--timeout", type=float, default=600, metavar="SECONDS", help="how long a process waits for the others in a collective before failing with an error (default: 600)")
+    p.add_argument("--log-steps", type=int, default=10, help="when output is not a terminal, print a progress line every N steps (default: 10)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--cpu", action="store_true", help="run on CPU even if GPUs are present")
-    return p.parse_args(argv)
+    return p
 
 
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
+
+
+def check_args(args, world_size: int) -> int:
+    """Refuse arguments that cannot work, before any process waits for another. Returns the
+    context-parallel size."""
+    for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_examples", "log_steps"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.save_steps < 0 or args.warmup_steps < 0:
+        raise InputError(f"--save-steps and --warmup-steps must be >= 0, got {args.save_steps} and {args.warmup_steps}")
+    if args.save_total_limit is not None and args.save_total_limit < 1:
+        raise InputError(f"--save-total-limit must be at least 1, got {args.save_total_limit}")
+    if not args.timeout > 0:
+        raise InputError(f"--timeout must be a positive number of seconds, got {args.timeout}")
+    if args.dataset is None and args.model:
+        raise InputError("the synthetic passkey task uses its own small model; drop --model or give --dataset")
+    if args.dataset is not None and not args.model:
+        raise InputError("--dataset needs --model (for its tokenizer and weights)")
+    if args.dataset is None and args.seq_len < PASSKEY_MIN_LEN:
+        raise InputError(f"--seq-len must be at least {PASSKEY_MIN_LEN} for the passkey task, got {args.seq_len}")
+    try:
+        return resolve_cp_size(args.cp_size, world_size)
+    except ValueError as exc:
+        raise InputError(str(exc).replace("cp_size=", "--cp-size ")) from None
+
+
+# ------------------------------------------------------------------------ checkpoints
+JOB_FILE = "job.json"  # in every checkpoint: where the run stands and the arguments that define it
+# Arguments a resumed run must share with its checkpoint: they fix the model, the data order, the
+# batches and the learning-rate schedule.
+RUN_ARGS = ("model", "dataset", "text_field", "seq_len", "batch_size", "grad_accum", "max_steps",
+            "lr", "warmup_steps", "seed")
+
+
+def checkpoints(out_dir: Path) -> list[Path]:
+    """The complete checkpoints in ``out_dir``, oldest first."""
+    found = [(int(m[1]), p) for p in out_dir.glob("checkpoint-*")
+             if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and (p / JOB_FILE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def find_checkpoint(args) -> Path | None:
+    """The checkpoint ``--resume`` names (None without it)."""
+    if args.resume is None:
+        return None
+    out = Path(args.output_dir)
+    if args.resume == "latest":
+        found = checkpoints(out) if out.is_dir() else []
+        if not found:
+            raise InputError(f"--resume latest: no checkpoint in {str(out)!r} (they are saved as "
+                             f"checkpoint-STEP every --save-steps steps)")
+        return found[-1]
+    path = Path(args.resume).expanduser()
+    if not (path / JOB_FILE).is_file():
+        what = "no such folder" if not path.exists() else f"not a checkpoint of this script (no {JOB_FILE})"
+        raise InputError(f"--resume {args.resume!r}: {what}; give a checkpoint-STEP folder or 'latest'")
+    return path
+
+
+def check_resume(args, checkpoint: Path, processes: int, cp_size: int) -> dict:
+    """The checkpoint's job state, after checking that this run is the one it saved."""
+    job = json.loads((checkpoint / JOB_FILE).read_text())
+    differ = [f"--{k.replace('_', '-')} {job['args'][k]!r} (now {getattr(args, k)!r})"
+              for k in RUN_ARGS if job["args"][k] != getattr(args, k)]
+    if (job["processes"], job["cp_size"]) != (processes, cp_size):
+        # the processes fix how batches are dealt, and each restores its own random states
+        differ.append(f"{job['processes']} processes with --cp-size {job['cp_size']} "
+                      f"(now {processes} with {cp_size})")
+    if differ:
+        raise InputError(f"--resume {str(checkpoint)!r} was saved by a run with " + "; ".join(differ)
+                         + ". Resume with the same values, or start a new run.")
+    return job
+
+
+def check_output_dir(args, checkpoint: Path | None) -> None:
+    """Refuse to write into a non-empty --output-dir without --overwrite, unless resuming a run
+    saved there."""
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--output-dir {str(out)!r} is a file")
+    inside = checkpoint is not None and checkpoint.resolve().parent == out.resolve()
+    if args.overwrite and inside:
+        raise InputError(f"--overwrite would delete the checkpoint {str(checkpoint)!r} that --resume "
+                         f"continues from; drop one of them")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if entries and not args.overwrite and not inside:
+        shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+        raise InputError(f"--output-dir {str(out)!r} is not empty ({shown}); pass --overwrite to "
+                         f"train there anyway (its checkpoints and logs are deleted first), "
+                         f"--resume latest to continue the run saved there, or another --output-dir")
+
+
+def clear_output_dir(out: Path) -> None:
+    """What an earlier run left that this one would mix with: checkpoints and logs."""
+    for path in out.glob("checkpoint-*"):
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    for name in ("train_log.jsonl", "metrics.json"):
+        (out / name).unlink(missing_ok=True)
+
+
+def save_checkpoint(accelerator, out: Path, job: dict, keep: int | None) -> Path:
+    """``accelerator.save_state`` (model, optimizer, scheduler, every process's random states)
+    plus ``job.json``, written as ``checkpoint-STEP.partial`` and renamed when complete, so that
+    a crash while saving never leaves a checkpoint that --resume would pick."""
+    final = out / f"checkpoint-{job['position']['step']}"
+    partial = final.with_name(final.name + ".partial")
+    if accelerator.is_main_process and partial.exists():
+        shutil.rmtree(partial)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (partial / JOB_FILE).write_text(json.dumps(job, indent=2))
+        if final.exists():  # saved before by the run this one resumes
+            shutil.rmtree(final)
+        partial.rename(final)
+        if keep is not None:
+            prune_checkpoints(out, keep)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def prune_checkpoints(out: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints in ``out``."""
+    for old in checkpoints(out)[:-keep]:
+        shutil.rmtree(old)
+
+
+# --------------------------------------------------------------------------- progress
+class Progress:
+    """Training progress on the main process: a tqdm bar when stderr is a terminal; otherwise
+    (a log file, a pipe) a plain line on stdout every ``every`` steps and at the last, with the
+    mean loss since the previous line, since a bar's carriage returns would make one endless line."""
+
+    def __init__(self, total: int, initial: int, every: int, enabled: bool, terminal: bool | None = None):
+        terminal = sys.stderr.isatty() if terminal is None else terminal
+        self.total, self.every, self.enabled, self.initial = total, every, enabled, initial
+        self.bar = tqdm(total=total, initial=initial, desc="training") if enabled and terminal else None
+        self.losses, self.started = [], time.perf_counter()
+
+    def step(self, step: int, loss: float, tokens_per_second: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_second:,.0f}")
+            self.bar.update()
+            return
+        self.losses.append(loss)
+        if self.enabled and (step % self.every == 0 or step == self.total):
+            elapsed = time.perf_counter() - self.started
+            left = elapsed / max(step - self.initial, 1) * (self.total - step)
+            print(f"step {step}/{self.total}  loss {sum(self.losses) / len(self.losses):.4f}  "
+                  f"{tokens_per_second:,.0f} tokens/s  elapsed {_clock(elapsed)}  left {_clock(left)}", flush=True)
+            self.losses = []
+
+    def write(self, message: str) -> None:
+        if self.bar is not None:
+            self.bar.write(message)
+        elif self.enabled:
+            print(message, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _clock(seconds: float) -> str:
+    return str(timedelta(seconds=round(seconds)))
+
+
+# ------------------------------------------------------------------------------ main
 def refuse_single_process_cpu_launch():
     """`accelerate launch --cpu --num_processes N` sets MASTER_PORT but starts one process."""
     if os.environ.get("ACCELERATE_USE_CPU") and "MASTER_PORT" in os.environ and "WORLD_SIZE" not in os.environ:
@@ -182,40 +491,51 @@ def build_model(args):
 
 
 def datasets_for(args):
+    """(training rows, evaluation rows, tokenizer or None)."""
     if args.dataset is None:
-        if args.model:
-            sys.exit("the synthetic passkey task uses its own small model; drop --model or give --dataset")
         return (PasskeyDataset(100_000, args.seq_len, seed=1, packed=True),
-                PasskeyDataset(args.eval_examples, args.seq_len, seed=2, packed=False))
-    if not args.model:
-        sys.exit("--dataset needs --model (for its tokenizer and weights)")
+                PasskeyDataset(args.eval_examples, args.seq_len, seed=2, packed=False), None)
     from transformers import AutoTokenizer
 
-    rows = packed_examples(load_documents(args.dataset, args.text_field), AutoTokenizer.from_pretrained(args.model), args.seq_len)
+    docs = load_documents(args.dataset, args.text_field)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    except OSError as exc:
+        raise InputError(f"--model {args.model!r}: no tokenizer could be loaded ({exc})") from None
+    rows = packed_examples(docs, tokenizer, args.seq_len)
     n_eval = min(args.eval_examples, max(1, len(rows) // 10))
-    return rows[n_eval:] or rows, rows[:n_eval]
+    return rows[n_eval:] or rows, rows[:n_eval], tokenizer
 
 
 @torch.no_grad()
-def evaluate(model, loader, accelerator, cp_size):
-    """Loss (mean over batches of each batch's token mean) and exact-match accuracy: the share
-    of sequences whose labelled tokens are all predicted right."""
+def evaluate(model, loader, accelerator, cp_size, exact_match: bool) -> dict:
+    """The token-mean loss over the evaluation rows (and its perplexity), and with
+    ``exact_match`` the share of rows whose labelled tokens are all predicted right."""
     model.eval()
-    loss_sum, correct, total = 0.0, 0, 0
+    loss_sum, targets_sum, correct, total = 0.0, 0.0, 0, 0
     for batch in loader:
         out = model(**batch)
-        loss_sum += accelerator.reduce(out.loss.detach(), "mean").item()
-        ring_batch = batch["ring_batch"]
-        # gather predictions, not logits: [B, S] on every rank
-        predicted = ring_batch.gather(out.logits.argmax(-1)[..., None])[..., 0]
-        targets = ring_batch.gather(batch["shift_labels"][..., None], fill=-100)[..., 0]
-        hit = (predicted == targets) | (targets == -100)
-        correct += int(hit.all(-1).sum())
-        total += hit.shape[0]
+        # the loss is the token mean over the targets of all replicas: num_items_in_batch (given
+        # per process) times the number of processes is their count
+        targets = batch["num_items_in_batch"] * accelerator.num_processes
+        loss_sum += accelerator.reduce(out.loss.detach(), "mean").item() * targets
+        targets_sum += targets
+        if exact_match:
+            ring_batch = batch["ring_batch"]
+            # gather predictions, not logits: [B, S] on every rank
+            predicted = ring_batch.gather(out.logits.argmax(-1)[..., None])[..., 0]
+            labels = ring_batch.gather(batch["shift_labels"][..., None], fill=-100)[..., 0]
+            hit = (predicted == labels) | (labels == -100)
+            correct += int(hit.all(-1).sum())
+            total += hit.shape[0]
     model.train()
+    loss = loss_sum / max(targets_sum, 1.0)
+    if not exact_match:
+        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0)),
+                "eval_tokens": int(targets_sum), "eval_examples": len(loader.dataset)}
     # every rank of a context-parallel group counted its group's batch
     stats = accelerator.reduce(torch.tensor([correct, total], device=accelerator.device), "sum") // cp_size
-    return loss_sum / max(len(loader), 1), int(stats[0]), int(stats[1])
+    return {"eval_loss": loss, "eval_accuracy": int(stats[0]) / max(int(stats[1]), 1), "eval_examples": int(stats[1])}
 
 
 def peak_memory_gib(accelerator) -> list[float]:
@@ -228,73 +548,127 @@ def peak_memory_gib(accelerator) -> list[float]:
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     refuse_single_process_cpu_launch()
-    accelerator = Accelerator(cpu=args.cpu or not torch.cuda.is_available(), gradient_accumulation_steps=args.grad_accum)
-    set_seed(args.seed)  # the same data order on every rank of a context-parallel group
+    if not sys.stderr.isatty():  # transformers' loading and saving bars, as one line each
+        hf_logging.disable_progress_bar()
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    # Everything that can be wrong with the arguments, the data files or the output folder is
+    # found here, alike on every process, before any process waits for another
+    try:
+        cp_size = check_args(args, processes)
+        checkpoint = find_checkpoint(args)
+        job = check_resume(args, checkpoint, processes, cp_size) if checkpoint else None
+        check_output_dir(args, checkpoint)
+        set_seed(args.seed)
+        train_set, eval_set, tokenizer = datasets_for(args)
+        model = build_model(args)
+    except InputError as exc:
+        parser.fail(str(exc))
+
+    accelerator = Accelerator(
+        cpu=args.cpu or not torch.cuda.is_available(), gradient_accumulation_steps=args.grad_accum,
+        # a process that stops answering makes the others fail after this long, with an error
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.timeout))])
+    say = accelerator.print
+    out_dir = Path(args.output_dir)
+    if accelerator.is_main_process:
+        if args.overwrite:
+            clear_output_dir(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
     cp = ContextParallelPlugin(cp_size=args.cp_size, layout=args.layout, backend=args.backend)
     mesh = cp.setup(accelerator)
-    train_set, eval_set = datasets_for(args)
-    model = build_model(args)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     # accelerate advances a prepared scheduler once per data-parallel replica per optimizer step
     scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=args.warmup_steps * mesh.dp_size,
                               num_training_steps=args.max_steps * mesh.dp_size)
-    train_loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, shuffle=True, collate_fn=collate)
+    train_loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch_size, collate_fn=collate,
+                                               sampler=EpochSampler(len(train_set), args.seed))
     eval_loader = torch.utils.data.DataLoader(eval_set, batch_size=args.batch_size, collate_fn=collate)
     model, optimizer, train_loader, eval_loader, scheduler = cp.prepare(
         accelerator, model, optimizer, train_loader, eval_loader, scheduler)
-    accelerator.print(
-        f"{accelerator.num_processes} processes on {accelerator.device.type}: {mesh.dp_size} data-parallel x "
+    say(f"{accelerator.num_processes} processes on {accelerator.device.type}: {mesh.dp_size} data-parallel x "
         f"{mesh.cp_size} context-parallel, layout={args.layout}; {args.seq_len} tokens per sequence, "
-        f"{args.seq_len // mesh.cp_size} per rank"
-    )
+        f"{args.seq_len // mesh.cp_size} per rank", flush=True)
 
-    progress = tqdm(total=args.max_steps, desc="training", disable=not accelerator.is_main_process)
-    step, running, last_loss, tokens, started = 0, 0.0, float("nan"), 0, time.perf_counter()
+    # where the run stands: optimizer steps done, passes over the training rows, and micro-batches
+    # of the current pass already used (on each process): exactly what resuming must skip
+    position = {"step": 0, "epoch": 0, "batches": 0}
+    log_path = out_dir / "train_log.jsonl"
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        position = dict(job["position"])
+        if accelerator.is_main_process and log_path.exists():  # drop what the crashed run logged after it
+            kept = [line for line in log_path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= position["step"]]
+            log_path.write_text("".join(line + "\n" for line in kept))
+        say(f"resumed from {checkpoint} at step {position['step']}", flush=True)
+    saved_args = {k: getattr(args, k) for k in RUN_ARGS}
+
+    progress = Progress(args.max_steps, position["step"], args.log_steps, accelerator.is_main_process)
+    steps_per_epoch_batches = len(train_loader)
+    running, last_loss, lr, tokens, started = 0.0, float("nan"), float("nan"), 0, time.perf_counter()
     model.train()
-    while step < args.max_steps:
-        for batch in train_loader:
+    while position["step"] < args.max_steps:
+        train_loader.set_epoch(position["epoch"])
+        loader = train_loader.skip_first_batches(position["batches"]) if position["batches"] else train_loader
+        for batch in loader:
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), 1.0)
+                    lr = scheduler.get_last_lr()[0]
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
             # mean over processes, then over micro-steps: the exact token-mean loss of the step
             running += accelerator.reduce(loss.detach(), "mean").item() / args.grad_accum
             tokens += batch["ring_batch"].num_tokens * mesh.dp_size
-            if accelerator.sync_gradients:
-                step += 1
-                rate = tokens / (time.perf_counter() - started)
-                progress.set_postfix(loss=f"{running:.4f}", tok_s=f"{rate:,.0f}")
-                progress.update()
-                last_loss, running = running, 0.0
-                if step >= args.max_steps:
-                    break
+            position["batches"] += 1
+            if position["batches"] == steps_per_epoch_batches:
+                position["epoch"], position["batches"] = position["epoch"] + 1, 0
+            if not accelerator.sync_gradients:
+                continue
+            position["step"] += 1
+            last_loss, running = running, 0.0
+            progress.step(position["step"], last_loss, tokens / (time.perf_counter() - started))
+            if accelerator.is_main_process:
+                with log_path.open("a") as log:
+                    log.write(json.dumps({"step": position["step"], "loss": last_loss, "lr": lr}) + "\n")
+            if args.save_steps and position["step"] % args.save_steps == 0:
+                state = {"position": position, "args": saved_args, "processes": accelerator.num_processes,
+                         "cp_size": mesh.cp_size}
+                progress.write(f"saved {save_checkpoint(accelerator, out_dir, state, args.save_total_limit)}")
+            if position["step"] >= args.max_steps:
+                break
     progress.close()
     train_time = time.perf_counter() - started
 
-    eval_loss, correct, total = evaluate(model, eval_loader, accelerator, mesh.cp_size)
+    results = evaluate(model, eval_loader, accelerator, mesh.cp_size, exact_match=args.dataset is None)
     memory = peak_memory_gib(accelerator)
-    metrics = {"train_loss": last_loss, "eval_loss": eval_loss, "eval_accuracy": correct / max(total, 1),
-               "eval_examples": total, "tokens_per_second": tokens / train_time, "train_seconds": train_time,
-               "peak_memory_gib_per_rank": memory, "processes": accelerator.num_processes,
-               "cp_size": mesh.cp_size, "seq_len": args.seq_len}
-    accelerator.print(f"eval: loss {eval_loss:.4f}, exact-match accuracy {correct}/{total}")
-    accelerator.print(f"peak memory per rank (GiB): {memory}")
+    metrics = {"train_loss": last_loss, **results, "tokens_per_second": tokens / train_time,
+               "train_seconds": train_time, "peak_memory_gib_per_rank": memory,
+               "processes": accelerator.num_processes, "cp_size": mesh.cp_size, "seq_len": args.seq_len}
+    if args.dataset is None:
+        say(f"eval: loss {results['eval_loss']:.4f}, exact-match accuracy "
+            f"{round(results['eval_accuracy'] * results['eval_examples'])}/{results['eval_examples']}")
+    else:
+        say(f"eval: loss {results['eval_loss']:.4f}, perplexity {results['eval_perplexity']:.2f} "
+            f"({results['eval_tokens']} tokens in {results['eval_examples']} held-out rows)")
+    say(f"peak memory per rank (GiB): {memory}", flush=True)
 
     accelerator.wait_for_everyone()
-    out_dir = Path(args.output_dir)
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.save_pretrained(out_dir, is_main_process=accelerator.is_main_process,
                               save_function=accelerator.save, state_dict=accelerator.get_state_dict(model))
     if accelerator.is_main_process:
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out_dir)
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         print(f"saved {out_dir} (load with AutoModelForCausalLM.from_pretrained({str(out_dir)!r}))")
-        print(json.dumps(metrics))
+        print(json.dumps(metrics), flush=True)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics

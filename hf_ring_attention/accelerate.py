@@ -125,6 +125,15 @@ class ShardedDataLoader:
     def __getattr__(self, name):
         return getattr(self.dataloader, name)
 
+    def skip_first_batches(self, num_batches: int) -> ShardedDataLoader:
+        """This loader without its first ``num_batches`` batches of the current epoch (as the
+        wrapped loader counts them, on each process), to resume mid-epoch; accelerate's
+        ``skip_first_batches`` skips them in the sampler, without loading them. Keep
+        ``num_batches`` a multiple of the gradient accumulation steps, so that optimizer steps
+        group the same micro-batches as in the run that is resumed."""
+        skipped = self.accelerator.skip_first_batches(self.dataloader, num_batches)
+        return ShardedDataLoader(skipped, self.plugin, self.accelerator, self.model)
+
     def __iter__(self):
         accumulate = self.accelerator.gradient_accumulation_steps
         if self.model is not None and not self.model.training:
