@@ -100,14 +100,31 @@ class ContextParallelPlugin:
                 "prepare the model with (or before) the data loaders: batches are sharded for a "
                 "model patched for ring attention, and an unpatched model would attend within shards"
             )
-        prepared = accelerator.prepare(*objects)
-        prepared = list(prepared) if isinstance(prepared, (tuple, list)) else [prepared]
+        prepared = _prepare(accelerator, objects)
         for i, obj in enumerate(prepared):
-            if isinstance(obj, torch.utils.data.DataLoader):
+            if isinstance(obj, torch.nn.Module):
+                self.cp.check_reduction(obj)
+            elif isinstance(obj, torch.utils.data.DataLoader):
                 prepared[i] = ShardedDataLoader(obj, self, accelerator, self.model)
             elif isinstance(obj, AcceleratedScheduler):
                 prepared[i] = _DataParallelScheduler(obj, mesh.dp_size)
         return prepared[0] if len(prepared) == 1 else tuple(prepared)
+
+
+def _prepare(accelerator, objects) -> list:
+    """``accelerator.prepare(*objects)``, except for models the user already sharded with
+    ``fully_shard`` while accelerate itself does not apply FSDP2 (e.g. ``Accelerator(cpu=True)``):
+    accelerate would wrap those in DDP, which refuses DTensor parameters, and FSDP already reduces
+    their gradients; they get autocast and compilation only (``evaluation_mode=True``)."""
+    from .fsdp import is_fully_sharded
+
+    own = {i for i, obj in enumerate(objects)
+           if isinstance(obj, torch.nn.Module) and not accelerator.is_fsdp2 and is_fully_sharded(obj)}
+    rest = [obj for i, obj in enumerate(objects) if i not in own]
+    done = accelerator.prepare(*rest) if rest else []
+    done = iter(list(done) if isinstance(done, (tuple, list)) else [done])
+    return [accelerator.prepare_model(obj, evaluation_mode=True) if i in own else next(done)
+            for i, obj in enumerate(objects)]
 
 
 class ShardedDataLoader:

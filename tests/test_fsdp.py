@@ -1,0 +1,127 @@
+"""FSDP2 (fully_shard) with context parallelism through the plugin: a model the user sharded with
+fully_shard (per decoder layer and at the root, over all processes) trains exactly like one
+process on the same global batches, at cp=2 and dp=2 x cp=2, with gradient accumulation, packed
+documents and activation checkpointing; its full state dict saves and loads. Reductions the loss
+scaling cannot make exact are refused."""
+
+import pytest
+import torch
+
+from helpers import launch
+from models import BATCH, LR, collate, examples, tiny_model
+from test_accelerate import STEPS, reference
+
+pytestmark = pytest.mark.distributed
+
+
+def _shard(model, mesh):
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _full_state(model):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _train(rank, world_size, cp_size, accumulate, checkpointing, result_path):
+    from accelerate import Accelerator
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from hf_ring_attention.accelerate import ContextParallelPlugin
+    from hf_ring_attention.fsdp import is_fully_sharded
+
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accumulate)
+    dp = world_size // cp_size
+    mesh = init_device_mesh("cpu", (world_size,))  # parameters sharded over every process
+    model = tiny_model("llama")
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = _shard(model, mesh)
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)  # after fully_shard: DTensor parameters
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / STEPS)
+    data = examples(STEPS * dp * accumulate * BATCH, packed=True)
+    loader = torch.utils.data.DataLoader(data, batch_size=BATCH, shuffle=False, collate_fn=collate)
+    cp = ContextParallelPlugin(cp_size=cp_size)
+    model, opt, loader, sched = cp.prepare(accelerator, model, opt, loader, sched)
+    assert is_fully_sharded(model) and model.is_gradient_checkpointing == checkpointing
+    losses, running = [], 0.0
+    for batch in loader:
+        with accelerator.accumulate(model):
+            loss = model(**batch).loss
+            accelerator.backward(loss)
+            running += accelerator.reduce(loss.detach(), "mean").item() / accumulate
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+        if accelerator.sync_gradients:
+            losses.append(running)
+            running = 0.0
+    state = _full_state(model)
+    # a full state dict loads into a freshly sharded model (differently initialised) from rank 0
+    fresh = _shard(tiny_model("llama", seed=1), mesh)
+    # (set_model_state_dict replaces the values of the dict it is given by DTensors: give it a copy)
+    set_model_state_dict(fresh, dict(state) if rank == 0 else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    reloaded = _full_state(fresh)
+    if rank == 0:
+        torch.save({"losses": losses, "state": state, "reloaded": reloaded}, result_path)
+
+
+@pytest.mark.parametrize(
+    "world_size, cp_size, accumulate, checkpointing",
+    [(2, 2, 2, False), (4, 2, 2, False), (2, 2, 2, True)],
+    ids=["cp2-accum2", "dp2xcp2-accum2", "cp2-accum2-checkpointing"],
+)
+def test_fully_sharded_training_matches_one_process(tmp_path, world_size, cp_size, accumulate, checkpointing):
+    path = tmp_path / "result.pt"
+    launch(_train, world_size, cp_size, accumulate, checkpointing, str(path))
+    got = torch.load(path)
+    ref_losses, ref_state = reference(world_size // cp_size, accumulate, packed=True)
+    assert len(got["losses"]) == STEPS
+    for step, (a, b) in enumerate(zip(got["losses"], ref_losses)):
+        assert abs(a - b) <= 1e-5 * abs(b), f"step {step}: loss {a} vs {b}"
+    assert set(got["state"]) == set(ref_state)
+    for name, ref in ref_state.items():
+        # after a few SGD steps the weights differ by lr x (gradient rounding): far below 1e-5
+        err = ((got["state"][name] - ref).norm() / ref.norm()).item()
+        assert err <= 1e-5, f"{name}: relative error {err:.2e}"
+        assert torch.equal(got["reloaded"][name], got["state"][name]), f"{name}: reloaded state differs"
+
+
+def _bad_reductions(rank, world_size):
+    from accelerate import Accelerator
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from hf_ring_attention.accelerate import ContextParallelPlugin
+
+    accelerator = Accelerator(cpu=True)
+    everyone = init_device_mesh("cpu", (world_size,))
+    # the root's parameters (embeddings, final norm, lm_head) are never reduced
+    model = tiny_model("llama")
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=everyone)
+    with pytest.raises(ValueError, match=r"trainable parameter\(s\) of the fully sharded model are not managed by FSDP"):
+        ContextParallelPlugin(cp_size=2).prepare(accelerator, model)
+    # each rank alone: the two halves of a sequence's gradient are never added up
+    alone = init_device_mesh("cpu", (world_size, 1), mesh_dim_names=("others", "me"))["me"]
+    with pytest.raises(ValueError, match=r"FSDP shards \d+ parameter\(s\) over a mesh smaller than the 2 processes"):
+        ContextParallelPlugin(cp_size=2).prepare(accelerator, _shard(tiny_model("llama"), alone))
+    model = _shard(tiny_model("llama"), everyone)
+    model.set_gradient_divide_factor(1.0)
+    with pytest.raises(ValueError, match=r"FSDP divides gradients by \[1.0\] \(set_gradient_divide_factor\)"):
+        ContextParallelPlugin(cp_size=2).prepare(accelerator, model)
+    model = _shard(tiny_model("llama"), everyone)
+    model.set_gradient_divide_factor(2.0)  # the default, stated
+    ContextParallelPlugin(cp_size=2).prepare(accelerator, model)
+
+
+def test_inexact_reductions_are_refused_on_every_rank():
+    launch(_bad_reductions, 2)
