@@ -95,7 +95,7 @@ def test_fully_sharded_training_matches_one_process(tmp_path, world_size, cp_siz
         assert torch.equal(got["reloaded"][name], got["state"][name]), f"{name}: reloaded state differs"
 
 
-def _bad_reductions(rank, world_size):
+def _bad_reductions(rank, world_size, out_dir):
     from accelerate import Accelerator
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -121,7 +121,80 @@ def _bad_reductions(rank, world_size):
     model = _shard(tiny_model("llama"), everyone)
     model.set_gradient_divide_factor(2.0)  # the default, stated
     ContextParallelPlugin(cp_size=2).prepare(accelerator, model)
+    # the Trainer without FSDP2 would wrap a fully sharded model in DDP
+    from transformers import Trainer, TrainingArguments
+
+    from hf_ring_attention.trainer import RingAttentionCallback
+
+    ring = RingAttentionCallback(cp_size=2)
+    args = TrainingArguments(output_dir=out_dir, use_cpu=True, report_to=[], per_device_train_batch_size=BATCH)
+    with pytest.raises(ValueError, match="the model is wrapped with fully_shard but the Trainer does not use FSDP2"):
+        Trainer(model=_shard(tiny_model("llama"), everyone), args=args, train_dataset=examples(4, packed=True),
+                data_collator=ring.data_collator(collate), callbacks=[ring])
 
 
-def test_inexact_reductions_are_refused_on_every_rank():
-    launch(_bad_reductions, 2)
+def test_inexact_reductions_are_refused_on_every_rank(tmp_path):
+    launch(_bad_reductions, 2, str(tmp_path))
+
+
+def _train_accelerate_fsdp2(rank, world_size, cp_size, accumulate, replicas, result_path):
+    from accelerate import Accelerator, ParallelismConfig, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    from hf_ring_attention.accelerate import ContextParallelPlugin
+
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accumulate)
+    # accelerate applies FSDP only on accelerators (AcceleratorState.__init__ picks DistributedType.FSDP
+    # for MULTI_GPU and the like, and copies it to PartialState); set the state as it does there, so
+    # that accelerator.prepare takes its FSDP2 path (_prepare_fsdp2, fsdp2_prepare_model) on CPU
+    accelerator.state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=["LlamaDecoderLayer"])
+    assert accelerator.is_fsdp2
+    if replicas is not None:  # HSDP, configured as Accelerator(parallelism_config=...) does on GPUs
+        config = ParallelismConfig(dp_replicate_size=replicas, dp_shard_size=world_size // replicas)
+        accelerator.state.parallelism_config = config
+        accelerator.state.device_mesh = config.get_device_mesh("cpu")
+    dp = world_size // cp_size
+    model = tiny_model("llama")
+    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / STEPS)
+    data = examples(STEPS * dp * accumulate * BATCH, packed=True)
+    loader = torch.utils.data.DataLoader(data, batch_size=BATCH, shuffle=False, collate_fn=collate)
+    cp = ContextParallelPlugin(cp_size=cp_size)
+    model, opt, loader, sched = cp.prepare(accelerator, model, opt, loader, sched)
+    # accelerate sharded the model over every process (HSDP: replicas x shards)
+    meshes = {tuple(p.device_mesh.shape) for p in model.parameters()}
+    assert meshes == {(world_size,) if replicas is None else (replicas, world_size // replicas)}, meshes
+    assert accelerator.parallelism_config.cp_size == 1  # accelerate's own context parallelism stays off
+    losses, running = [], 0.0
+    for batch in loader:
+        with accelerator.accumulate(model):
+            loss = model(**batch).loss
+            accelerator.backward(loss)
+            running += accelerator.reduce(loss.detach(), "mean").item() / accumulate
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+        if accelerator.sync_gradients:
+            losses.append(running)
+            running = 0.0
+    state = accelerator.get_state_dict(model)  # accelerate's full state dict (rank 0)
+    if rank == 0:
+        torch.save({"losses": losses, "state": state}, result_path)
+
+
+@pytest.mark.parametrize("replicas", [None, 2], ids=["fsdp", "hsdp2"])
+def test_accelerate_fsdp2_training_matches_one_process(tmp_path, replicas):
+    """accelerate's own FSDP2 preparation with the plugin at dp=2 x cp=2, gradient accumulation 2."""
+    path = tmp_path / "result.pt"
+    launch(_train_accelerate_fsdp2, 4, 2, 2, replicas, str(path))
+    got = torch.load(path)
+    ref_losses, ref_state = reference(2, 2, packed=True)
+    assert len(got["losses"]) == STEPS
+    for step, (a, b) in enumerate(zip(got["losses"], ref_losses)):
+        assert abs(a - b) <= 1e-5 * abs(b), f"step {step}: loss {a} vs {b}"
+    assert set(got["state"]) == set(ref_state)
+    for name, ref in ref_state.items():
+        err = ((got["state"][name] - ref).norm() / ref.norm()).item()
+        assert err <= 1e-5, f"{name}: relative error {err:.2e}"
