@@ -15,6 +15,11 @@ For real runs, name a model and data:
 
     accelerate launch --multi_gpu --num_processes 8 examples/finetune.py \\
         --model meta-llama/Llama-3.2-1B --dataset my_corpus.jsonl --seq-len 65536 --cp-size 4
+
+For models whose weights, gradients and optimizer states do not fit on one device, add --fsdp
+(FSDP2 over all processes), or launch with accelerate's FSDP2 config instead (GPUs only):
+
+    accelerate launch --config_file examples/accelerate_fsdp2.yaml examples/finetune.py --model ... --cp-size 4
 """
 
 from __future__ import annotations
@@ -159,6 +164,7 @@ def parse_args(argv=None):
     p.add_argument("--output-dir", default="outputs/finetune", help="where the checkpoint and metrics.json go (default: outputs/finetune)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--cpu", action="store_true", help="run on CPU even if GPUs are present")
+    p.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer states over all processes with FSDP2 (fully_shard per decoder layer and at the root); not with an accelerate FSDP config, which shards the model itself")
     return p.parse_args(argv)
 
 
@@ -194,6 +200,25 @@ def datasets_for(args):
     rows = packed_examples(load_documents(args.dataset, args.text_field), AutoTokenizer.from_pretrained(args.model), args.seq_len)
     n_eval = min(args.eval_examples, max(1, len(rows) // 10))
     return rows[n_eval:] or rows, rows[:n_eval]
+
+
+def fully_shard_model(model, accelerator):
+    """FSDP2 over all processes: each decoder layer, then the root (embeddings, norm, lm_head).
+    The ranks of a context-parallel group hold different shards of the same replica."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def full_state_dict(model) -> dict:
+    """The gathered (unsharded) weights of a fully sharded model, on the main process."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 @torch.no_grad()
@@ -236,6 +261,8 @@ def main(argv=None):
     mesh = cp.setup(accelerator)
     train_set, eval_set = datasets_for(args)
     model = build_model(args)
+    if args.fsdp:
+        model = fully_shard_model(model, accelerator)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     # accelerate advances a prepared scheduler once per data-parallel replica per optimizer step
     scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=args.warmup_steps * mesh.dp_size,
@@ -289,8 +316,9 @@ def main(argv=None):
     accelerator.wait_for_everyone()
     out_dir = Path(args.output_dir)
     unwrapped = accelerator.unwrap_model(model)
+    state_dict = full_state_dict(model) if args.fsdp else accelerator.get_state_dict(model)
     unwrapped.save_pretrained(out_dir, is_main_process=accelerator.is_main_process,
-                              save_function=accelerator.save, state_dict=accelerator.get_state_dict(model))
+                              save_function=accelerator.save, state_dict=state_dict)
     if accelerator.is_main_process:
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         print(f"saved {out_dir} (load with AutoModelForCausalLM.from_pretrained({str(out_dir)!r}))")

@@ -15,13 +15,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.distributed
-def test_accelerate_launch_finetune_runs_and_saves_a_loadable_checkpoint(tmp_path):
+@pytest.mark.parametrize("engine", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+def test_accelerate_launch_finetune_runs_and_saves_a_loadable_checkpoint(tmp_path, engine):
     from transformers import AutoModelForCausalLM
 
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--main_process_port", str(free_port()), str(ROOT / "examples" / "finetune.py"),
            "--seq-len", "192", "--max-steps", "3", "--batch-size", "1", "--grad-accum", "2",
-           "--eval-examples", "4", "--output-dir", str(tmp_path / "out")]
+           "--eval-examples", "4", "--output-dir", str(tmp_path / "out"), *engine]
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": path}
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
@@ -34,6 +35,10 @@ def test_accelerate_launch_finetune_runs_and_saves_a_loadable_checkpoint(tmp_pat
     assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and len(metrics["peak_memory_gib_per_rank"]) == 2
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert model.config.model_type == "llama"
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "out" / "model.safetensors")  # every weight, whole (not a shard)
+    assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in model.state_dict().items()}
 
 
 def test_single_process_cpu_launch_is_refused_with_the_working_command(monkeypatch):

@@ -4,6 +4,9 @@ process on the same global batches, at cp=2 and dp=2 x cp=2, with gradient accum
 documents and activation checkpointing; its full state dict saves and loads. Reductions the loss
 scaling cannot make exact are refused."""
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -11,7 +14,7 @@ from helpers import launch
 from models import BATCH, LR, collate, examples, tiny_model
 from test_accelerate import STEPS, reference
 
-pytestmark = pytest.mark.distributed
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def _shard(model, mesh):
@@ -74,6 +77,7 @@ def _train(rank, world_size, cp_size, accumulate, checkpointing, result_path):
         torch.save({"losses": losses, "state": state, "reloaded": reloaded}, result_path)
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize(
     "world_size, cp_size, accumulate, checkpointing",
     [(2, 2, 2, False), (4, 2, 2, False), (2, 2, 2, True)],
@@ -133,8 +137,26 @@ def _bad_reductions(rank, world_size, out_dir):
                 data_collator=ring.data_collator(collate), callbacks=[ring])
 
 
+@pytest.mark.distributed
 def test_inexact_reductions_are_refused_on_every_rank(tmp_path):
     launch(_bad_reductions, 2, str(tmp_path))
+
+
+def example_fsdp_environment() -> dict:
+    """The FSDP settings `accelerate launch --config_file examples/accelerate_fsdp2.yaml` passes
+    to the processes (its FSDP_* environment variables)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args(["--config_file", str(EXAMPLES / "accelerate_fsdp2.yaml"), "x.py"])
+    env = prepare_multi_gpu_env(_validate_launch_command(args)[0])
+    return {k: v for k, v in env.items() if k.startswith("FSDP_")}
+
+
+def test_example_accelerate_config_selects_fsdp2_with_decoder_layer_wrapping():
+    env = example_fsdp_environment()
+    assert env["FSDP_VERSION"] == "2" and env["FSDP_AUTO_WRAP_POLICY"] == "TRANSFORMER_BASED_WRAP"
+    assert env["FSDP_TRANSFORMER_CLS_TO_WRAP"] == "LlamaDecoderLayer"
 
 
 def _train_accelerate_fsdp2(rank, world_size, cp_size, accumulate, replicas, result_path):
@@ -148,8 +170,8 @@ def _train_accelerate_fsdp2(rank, world_size, cp_size, accumulate, replicas, res
     # for MULTI_GPU and the like, and copies it to PartialState); set the state as it does there, so
     # that accelerator.prepare takes its FSDP2 path (_prepare_fsdp2, fsdp2_prepare_model) on CPU
     accelerator.state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
-    accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(
-        fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=["LlamaDecoderLayer"])
+    os.environ.update(example_fsdp_environment())  # the plugin reads the FSDP_* variables
+    accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()
     assert accelerator.is_fsdp2
     if replicas is not None:  # HSDP, configured as Accelerator(parallelism_config=...) does on GPUs
         config = ParallelismConfig(dp_replicate_size=replicas, dp_shard_size=world_size // replicas)
@@ -184,9 +206,11 @@ def _train_accelerate_fsdp2(rank, world_size, cp_size, accumulate, replicas, res
         torch.save({"losses": losses, "state": state}, result_path)
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("replicas", [None, 2], ids=["fsdp", "hsdp2"])
 def test_accelerate_fsdp2_training_matches_one_process(tmp_path, replicas):
-    """accelerate's own FSDP2 preparation with the plugin at dp=2 x cp=2, gradient accumulation 2."""
+    """accelerate's own FSDP2 preparation, configured by examples/accelerate_fsdp2.yaml, with the
+    plugin at dp=2 x cp=2, gradient accumulation 2."""
     path = tmp_path / "result.pt"
     launch(_train_accelerate_fsdp2, 4, 2, 2, replicas, str(path))
     got = torch.load(path)
