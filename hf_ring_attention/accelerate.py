@@ -11,8 +11,9 @@
 
 Exactness: with W processes, gradient accumulation G, and N target tokens in the global batch
 (all data-parallel replicas, all G micro-batches), each rank's loss is
-``W * G * (sum of its token losses) / N``: ``accelerator.backward`` divides by G, DDP averages
-over W, and the result is the gradient of the global token-mean loss. The loss of one
+``W * G * (sum of its token losses) / N``: ``accelerator.backward`` divides by G, DDP (or FSDP2
+sharding over all W processes, see :mod:`hf_ring_attention.fsdp`) averages over W, and the result
+is the gradient of the global token-mean loss. The loss of one
 micro-batch, averaged over processes (``accelerator.reduce(loss, "mean")``) and then over the G
 micro-batches, is that token mean.
 """
@@ -28,7 +29,7 @@ from transformers import PreTrainedModel
 from transformers.utils import logging
 
 from . import _compat
-from .cp import ContextParallelSetup, CPMesh
+from .cp import ContextParallelSetup, CPMesh, check_engine
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -118,8 +119,9 @@ def _prepare(accelerator, objects) -> list:
     their gradients; they get autocast and compilation only (``evaluation_mode=True``)."""
     from .fsdp import is_fully_sharded
 
+    fsdp2 = check_engine(accelerator.state)
     own = {i for i, obj in enumerate(objects)
-           if isinstance(obj, torch.nn.Module) and not accelerator.is_fsdp2 and is_fully_sharded(obj)}
+           if isinstance(obj, torch.nn.Module) and not fsdp2 and is_fully_sharded(obj)}
     rest = [obj for i, obj in enumerate(objects) if i not in own]
     done = accelerator.prepare(*rest) if rest else []
     done = iter(list(done) if isinstance(done, (tuple, list)) else [done])

@@ -60,7 +60,8 @@ def resolve_cp_size(cp_size: int | str | None, world_size: int) -> int:
 @dataclass
 class CPMesh:
     """The dp x cp arrangement of the processes: ``mesh`` has dimensions ``("dp_replicate",
-    "cp")`` (None on a single process)."""
+    "cp")``, or ``("dp_replicate", "dp_shard", "cp")`` under accelerate's FSDP2 (see
+    :func:`mesh_layout`); None on a single process."""
 
     world_size: int
     cp_size: int
@@ -74,14 +75,6 @@ class CPMesh:
     def group(self) -> ProcessGroup | None:
         """This rank's context-parallel group (None on a single process)."""
         return None if self.mesh is None else self.mesh.get_group("cp")
-
-    @property
-    def fsdp_mesh(self) -> DeviceMesh | None:
-        """The mesh to ``fully_shard`` over under accelerate's FSDP2 layout (all processes:
-        ``"dp_shard_cp"``, with ``"dp_replicate"`` in front for HSDP); None for the DDP layout."""
-        if self.mesh is None or self.mesh.mesh_dim_names != FSDP_MESH_DIMS:
-            return None
-        return self.mesh[fsdp_dims(self.mesh.shape[0])]
 
     @classmethod
     def build(cls, cp_size: int | None, device_type: str, existing: DeviceMesh | None = None,
@@ -125,12 +118,6 @@ def mesh_layout(world_size: int, cp_size: int, fsdp_replicas: int | None = None)
             f"groups. Change dp_replicate_size (parallelism_config) or cp_size."
         )
     return FSDP_MESH_DIMS, (fsdp_replicas, world_size // (fsdp_replicas * cp_size), cp_size)
-
-
-def fsdp_dims(replicas: int) -> tuple[str, ...]:
-    """The dimensions FSDP2 shards over in the FSDP2 layout, as accelerate names them
-    (``ParallelismConfig.fsdp_dim_names``): HSDP adds the replica dimension in front."""
-    return ("dp_replicate", FSDP_SHARD_DIM) if replicas > 1 else (FSDP_SHARD_DIM,)
 
 
 @dataclass
@@ -231,7 +218,8 @@ def check_engine(accelerator_state, parallelism_config=None) -> bool:
         raise NotImplementedError(
             "DeepSpeed is not supported with hf_ring_attention's context parallelism: accelerate's data "
             "loader under DeepSpeed deals batches by data-parallel rank only (the ranks of a context-parallel "
-            "group would get different batches), and ZeRO's gradient reduction with the ring is untested. "
+            "group would get different batches), and DeepSpeed's train_batch_size counts every process as a "
+            "data-parallel replica. "
             "For sharded parameters, gradients and optimizer states use FSDP2 (fsdp_version: 2)."
         )
     if kind == DistributedType.FSDP:

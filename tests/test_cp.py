@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from hf_ring_attention.cp import ENV_CP_SIZE, ContextParallelSetup, check_engine, fsdp_dims, mesh_layout, resolve_cp_size
+from hf_ring_attention.cp import ENV_CP_SIZE, ContextParallelSetup, FSDP_SHARD_DIM, check_engine, mesh_layout, resolve_cp_size
 
 
 def test_cp_size_argument_wins_over_environment_which_wins_over_world_size(monkeypatch):
@@ -62,8 +62,14 @@ def test_mesh_layout_deals_one_batch_per_cp_group_and_shards_fsdp_over_every_pro
     # and repeat across cp, whose ranks are consecutive (the last mesh dimension)
     assert sizes["dp_replicate"] * sizes.get("dp_shard", 1) == world // cp and names[-1] == "cp"
     if replicas is not None:  # FSDP shards each replica over dp_shard x cp: all processes together
+        from accelerate import ParallelismConfig
+
         assert sizes["dp_replicate"] == replicas and sizes["dp_shard"] * cp * replicas == world
-        assert fsdp_dims(replicas) == (("dp_replicate", "dp_shard_cp") if replicas > 1 else ("dp_shard_cp",))
+        # the dimensions accelerate's fsdp2_prepare_model shards over exist in the mesh: for the
+        # config the plugin installs (plain FSDP) and for a user's HSDP config
+        config = ParallelismConfig(dp_replicate_size=replicas, dp_shard_size=world // replicas)
+        assert set(config.fsdp_dim_names) <= {*names, FSDP_SHARD_DIM}
+        assert config.fsdp_dim_names[-1] == FSDP_SHARD_DIM and ("dp_replicate" in config.fsdp_dim_names) == (replicas > 1)
 
 
 def test_fsdp_mesh_layout_refuses_replicas_that_split_a_cp_group():
