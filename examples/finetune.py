@@ -24,6 +24,11 @@ data position and the arguments); after a failure, the same command with ``--res
 continues bit for bit. A process that stops answering makes the others fail after ``--timeout``
 seconds (default 600). Progress goes to a bar on a terminal and to a plain line every
 ``--log-steps`` steps otherwise; every step's loss goes to OUTPUT_DIR/train_log.jsonl.
+
+For models whose weights, gradients and optimizer states do not fit on one device, add --fsdp
+(FSDP2 over all processes), or launch with accelerate's FSDP2 config instead (GPUs only):
+
+    accelerate launch --config_file examples/accelerate_fsdp2.yaml examples/finetune.py --model ... --cp-size 4
 """
 
 from __future__ import annotations
@@ -297,6 +302,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--log-steps", type=int, default=10, help="when output is not a terminal, print a progress line every N steps (default: 10)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--cpu", action="store_true", help="run on CPU even if GPUs are present")
+    p.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer states over all processes with FSDP2 (fully_shard per decoder layer and at the root); not with an accelerate FSDP config, which shards the model itself")
     return p
 
 
@@ -320,6 +326,9 @@ def check_args(args, world_size: int) -> int:
         raise InputError("the synthetic passkey task uses its own small model; drop --model or give --dataset")
     if args.dataset is not None and not args.model:
         raise InputError("--dataset needs --model (for its tokenizer and weights)")
+    if args.fsdp and (args.save_steps or args.resume):
+        raise InputError("--save-steps and --resume are not supported with --fsdp yet (the checkpoint "
+                         "of a model sharded with fully_shard is untested); drop one of them")
     if args.dataset is None and args.seq_len < PASSKEY_MIN_LEN:
         raise InputError(f"--seq-len must be at least {PASSKEY_MIN_LEN} for the passkey task, got {args.seq_len}")
     try:
@@ -507,6 +516,25 @@ def datasets_for(args):
     return rows[n_eval:] or rows, rows[:n_eval], tokenizer
 
 
+def fully_shard_model(model, accelerator):
+    """FSDP2 over all processes: each decoder layer, then the root (embeddings, norm, lm_head).
+    The ranks of a context-parallel group hold different shards of the same replica."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def full_state_dict(model) -> dict:
+    """The gathered (unsharded) weights of a fully sharded model, on the main process."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 @torch.no_grad()
 def evaluate(model, loader, accelerator, cp_size, exact_match: bool) -> dict:
     """The token-mean loss over the evaluation rows (and its perplexity), and with
@@ -579,6 +607,8 @@ def main(argv=None):
         out_dir.mkdir(parents=True, exist_ok=True)
     cp = ContextParallelPlugin(cp_size=args.cp_size, layout=args.layout, backend=args.backend)
     mesh = cp.setup(accelerator)
+    if args.fsdp:
+        model = fully_shard_model(model, accelerator)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     # accelerate advances a prepared scheduler once per data-parallel replica per optimizer step
     scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=args.warmup_steps * mesh.dp_size,
@@ -661,8 +691,9 @@ def main(argv=None):
 
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
+    state_dict = full_state_dict(model) if args.fsdp else accelerator.get_state_dict(model)
     unwrapped.save_pretrained(out_dir, is_main_process=accelerator.is_main_process,
-                              save_function=accelerator.save, state_dict=accelerator.get_state_dict(model))
+                              save_function=accelerator.save, state_dict=state_dict)
     if accelerator.is_main_process:
         if tokenizer is not None:
             tokenizer.save_pretrained(out_dir)

@@ -78,6 +78,30 @@ def step_scheduler(scheduler, times: int, *args, **kwargs) -> None:
             inner.step(*args, **kwargs)
 
 
+def set_parallelism_config(state, config) -> None:
+    """Install ``config`` as accelerate's parallelism configuration (``AcceleratorState``), which
+    its FSDP2 preparation reads (``fsdp2_prepare_model`` shards over
+    ``device_mesh[parallelism_config.fsdp_dim_names]``)."""
+    state.parallelism_config = config
+
+
+# ------------------------------------------------------------------------------------- torch
+# Checked against torch 2.11 and 2.13.
+
+
+def flatten_mesh(mesh, dims: tuple[str, ...], name: str):
+    """Flatten dimensions ``dims`` of a ``DeviceMesh`` into one named ``name`` (reachable from the
+    root mesh as ``mesh[name]``), as accelerate does for its ``dp_shard_cp`` dimension."""
+    return mesh[dims]._flatten(name)
+
+
+def fsdp_gradient_divide_factors(module) -> list[float | None]:
+    """The gradient divide factor of each parameter group of an FSDP2 module: None means the
+    default, the number of ranks the gradient is reduced over (``set_gradient_divide_factor`` has
+    a setter only)."""
+    return [group.gradient_divide_factor for group in module._get_fsdp_state()._fsdp_param_groups]
+
+
 # ------------------------------------------------------------------------------------ probes
 def _probe_config() -> bool:
     from transformers import PretrainedConfig
@@ -117,6 +141,32 @@ def _probe_scheduler() -> bool:
             and isinstance(getattr(AcceleratedOptimizer, "step_was_skipped", None), property))
 
 
+def _probe_parallelism_config() -> bool:
+    import inspect
+
+    from accelerate import state
+
+    return "self.parallelism_config = parallelism_config" in inspect.getsource(state.AcceleratorState)
+
+
+def _probe_flatten() -> bool:
+    from torch.distributed.device_mesh import DeviceMesh
+
+    return callable(getattr(DeviceMesh, "_flatten", None))
+
+
+def _probe_fsdp_divide_factor() -> bool:
+    import inspect
+
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+    from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
+
+    return (callable(getattr(FSDPModule, "_get_fsdp_state", None))
+            and "self._fsdp_param_groups" in inspect.getsource(FSDPState.__init__)
+            and "self.gradient_divide_factor" in inspect.getsource(FSDPParamGroup.__init__))
+
+
 PROBES: dict[str, Callable[[], bool]] = {
     "transformers PretrainedConfig._attn_implementation_internal": _probe_config,
     "transformers.masking_utils.flash_attention_mask": _probe_mask_function,
@@ -124,4 +174,7 @@ PROBES: dict[str, Callable[[], bool]] = {
     "accelerate DataLoaderShard.end_of_dataloader": _probe_end_of_dataloader,
     "accelerate AcceleratedScheduler internals (split_batches, step_with_optimizer, gradient_state."
     "sync_gradients, optimizers[].step_was_skipped) and torch LRScheduler._step_count": _probe_scheduler,
+    "accelerate AcceleratorState.parallelism_config": _probe_parallelism_config,
+    "torch DeviceMesh._flatten": _probe_flatten,
+    "torch FSDPModule._get_fsdp_state()._fsdp_param_groups[].gradient_divide_factor": _probe_fsdp_divide_factor,
 }

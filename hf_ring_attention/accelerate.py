@@ -11,8 +11,9 @@
 
 Exactness: with W processes, gradient accumulation G, and N target tokens in the global batch
 (all data-parallel replicas, all G micro-batches), each rank's loss is
-``W * G * (sum of its token losses) / N``: ``accelerator.backward`` divides by G, DDP averages
-over W, and the result is the gradient of the global token-mean loss. The loss of one
+``W * G * (sum of its token losses) / N``: ``accelerator.backward`` divides by G, DDP (or FSDP2
+sharding over all W processes, see :mod:`hf_ring_attention.fsdp`) averages over W, and the result
+is the gradient of the global token-mean loss. The loss of one
 micro-batch, averaged over processes (``accelerator.reduce(loss, "mean")``) and then over the G
 micro-batches, is that token mean.
 """
@@ -28,7 +29,7 @@ from transformers import PreTrainedModel
 from transformers.utils import logging
 
 from . import _compat
-from .cp import ContextParallelSetup, CPMesh
+from .cp import ContextParallelSetup, CPMesh, check_engine
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -100,14 +101,32 @@ class ContextParallelPlugin:
                 "prepare the model with (or before) the data loaders: batches are sharded for a "
                 "model patched for ring attention, and an unpatched model would attend within shards"
             )
-        prepared = accelerator.prepare(*objects)
-        prepared = list(prepared) if isinstance(prepared, (tuple, list)) else [prepared]
+        prepared = _prepare(accelerator, objects)
         for i, obj in enumerate(prepared):
-            if isinstance(obj, torch.utils.data.DataLoader):
+            if isinstance(obj, torch.nn.Module):
+                self.cp.check_reduction(obj)
+            elif isinstance(obj, torch.utils.data.DataLoader):
                 prepared[i] = ShardedDataLoader(obj, self, accelerator, self.model)
             elif isinstance(obj, AcceleratedScheduler):
                 prepared[i] = _DataParallelScheduler(obj, mesh.dp_size)
         return prepared[0] if len(prepared) == 1 else tuple(prepared)
+
+
+def _prepare(accelerator, objects) -> list:
+    """``accelerator.prepare(*objects)``, except for models the user already sharded with
+    ``fully_shard`` while accelerate itself does not apply FSDP2 (e.g. ``Accelerator(cpu=True)``):
+    accelerate would wrap those in DDP, which refuses DTensor parameters, and FSDP already reduces
+    their gradients; they get autocast and compilation only (``evaluation_mode=True``)."""
+    from .fsdp import is_fully_sharded
+
+    fsdp2 = check_engine(accelerator.state)
+    own = {i for i, obj in enumerate(objects)
+           if isinstance(obj, torch.nn.Module) and not fsdp2 and is_fully_sharded(obj)}
+    rest = [obj for i, obj in enumerate(objects) if i not in own]
+    done = accelerator.prepare(*rest) if rest else []
+    done = iter(list(done) if isinstance(done, (tuple, list)) else [done])
+    return [accelerator.prepare_model(obj, evaluation_mode=True) if i in own else next(done)
+            for i, obj in enumerate(objects)]
 
 
 class ShardedDataLoader:

@@ -5,9 +5,13 @@ are the data-parallel (dp) replicas. :class:`CPMesh` is that arrangement: a torc
 with dimensions named ``("dp_replicate", "cp")``, the names accelerate's data loader reads, so
 that it hands every rank of a cp group the same batch and different batches to different groups,
 without enabling accelerate's own context parallelism (which would also shard the batch and
-replace SDPA). :class:`ContextParallelSetup` holds the options and does everything the plugin and
-the callback have in common: the mesh, patching and checking the model, sharding batches, and
-checking that the ranks of a group were given the same batch.
+replace SDPA). Under accelerate's FSDP2 the mesh is ``("dp_replicate", "dp_shard", "cp")``
+instead, with ``("dp_shard", "cp")`` flattened into ``"dp_shard_cp"``, the dimension accelerate
+shards the model over (as for its own context parallelism): the model is sharded over every
+process and the ranks of a cp group hold different shards of one replica. :class:`ContextParallelSetup`
+holds the options and does everything the plugin and the callback have in common: the mesh,
+patching and checking the model, sharding batches, and checking that the ranks of a group were
+given the same batch.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ if TYPE_CHECKING:
 
 ENV_CP_SIZE = "HF_RING_ATTENTION_CP_SIZE"
 MESH_DIMS = ("dp_replicate", "cp")
+FSDP_MESH_DIMS = ("dp_replicate", "dp_shard", "cp")
+FSDP_SHARD_DIM = "dp_shard_cp"  # accelerate's name for the flattened ("dp_shard", "cp") dimension
 
 
 def resolve_cp_size(cp_size: int | str | None, world_size: int) -> int:
@@ -54,7 +60,8 @@ def resolve_cp_size(cp_size: int | str | None, world_size: int) -> int:
 @dataclass
 class CPMesh:
     """The dp x cp arrangement of the processes: ``mesh`` has dimensions ``("dp_replicate",
-    "cp")`` (None on a single process)."""
+    "cp")``, or ``("dp_replicate", "dp_shard", "cp")`` under accelerate's FSDP2 (see
+    :func:`mesh_layout`); None on a single process."""
 
     world_size: int
     cp_size: int
@@ -70,9 +77,11 @@ class CPMesh:
         return None if self.mesh is None else self.mesh.get_group("cp")
 
     @classmethod
-    def build(cls, cp_size: int | None, device_type: str, existing: DeviceMesh | None = None) -> CPMesh:
+    def build(cls, cp_size: int | None, device_type: str, existing: DeviceMesh | None = None,
+              fsdp_replicas: int | None = None) -> CPMesh:
         """Build the mesh (a collective call: every process must call it), or reuse ``existing``
-        (the accelerator state's mesh) when it is the one needed."""
+        (the accelerator state's mesh) when it is the one needed. ``fsdp_replicas``: build the
+        FSDP2 layout with that many HSDP replicas (1: plain FSDP over all processes)."""
         import torch.distributed as dist
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -80,15 +89,35 @@ class CPMesh:
         cp = resolve_cp_size(cp_size, world_size)
         if not dist.is_initialized():
             return cls(1, 1, None)
-        shape = (world_size // cp, cp)
-        if existing is not None:
-            if tuple(existing.mesh_dim_names or ()) != MESH_DIMS or tuple(existing.shape) != shape:
-                raise ValueError(
-                    f"the accelerator already has a device mesh {existing}; context parallelism with "
-                    f"cp_size={cp} needs dimensions {MESH_DIMS} of sizes {shape}"
-                )
+        names, shape = mesh_layout(world_size, cp, fsdp_replicas)
+        if existing is not None and tuple(existing.mesh_dim_names or ()) == names and tuple(existing.shape) == shape:
             return cls(world_size, cp, existing)
-        return cls(world_size, cp, init_device_mesh(device_type, shape, mesh_dim_names=MESH_DIMS))
+        if existing is not None and fsdp_replicas is None:
+            raise ValueError(
+                f"the accelerator already has a device mesh {existing}; context parallelism with "
+                f"cp_size={cp} needs dimensions {names} of sizes {shape}"
+            )
+        # under FSDP2, accelerate's own mesh (from its parallelism config) has no "cp": replaced
+        mesh = init_device_mesh(device_type, shape, mesh_dim_names=names)
+        if fsdp_replicas is not None:
+            _compat.flatten_mesh(mesh, ("dp_shard", "cp"), FSDP_SHARD_DIM)
+        return cls(world_size, cp, mesh)
+
+
+def mesh_layout(world_size: int, cp_size: int, fsdp_replicas: int | None = None) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """Dimension names and sizes of the mesh. DDP (``fsdp_replicas=None``): ``("dp_replicate",
+    "cp")``. FSDP2 with R replicas: ``("dp_replicate", "dp_shard", "cp")`` of sizes
+    ``(R, world_size / (R * cp_size), cp_size)``. In both, accelerate's data loader deals one batch
+    per ``world_size / cp_size`` consecutive-rank group of ``cp_size``."""
+    if fsdp_replicas is None:
+        return MESH_DIMS, (world_size // cp_size, cp_size)
+    if fsdp_replicas < 1 or world_size % (fsdp_replicas * cp_size):
+        raise ValueError(
+            f"FSDP with dp_replicate_size={fsdp_replicas} and cp_size={cp_size} needs their product to divide "
+            f"the number of processes ({world_size}): each replica is sharded over whole context-parallel "
+            f"groups. Change dp_replicate_size (parallelism_config) or cp_size."
+        )
+    return FSDP_MESH_DIMS, (fsdp_replicas, world_size // (fsdp_replicas * cp_size), cp_size)
 
 
 @dataclass
@@ -127,12 +156,31 @@ class ContextParallelSetup:
                 f"shard the batch a second time. Use either it or hf_ring_attention's context "
                 f"parallelism, not both."
             )
+        fsdp2 = check_engine(accelerator_state, pc)
+        replicas = (pc.dp_replicate_size if pc is not None else 1) if fsdp2 else None
         mesh = CPMesh.build(self.cp_size, accelerator_state.device.type,
-                            existing=_compat.accelerator_mesh(accelerator_state))
+                            existing=_compat.accelerator_mesh(accelerator_state), fsdp_replicas=replicas)
         if mesh.mesh is not None:
             _compat.set_accelerator_mesh(accelerator_state, mesh.mesh)
+            if fsdp2 and pc is None:
+                # accelerate's FSDP2 shards over mesh[parallelism_config.fsdp_dim_names]: a config
+                # describing plain FSDP over every process names "dp_shard_cp" (cp stays off in it:
+                # accelerate's own context parallelism would shard the batch and replace SDPA)
+                from accelerate import ParallelismConfig
+
+                _compat.set_parallelism_config(accelerator_state, ParallelismConfig(
+                    dp_replicate_size=1, dp_shard_size=mesh.world_size, tp_size=1, cp_size=1, sp_size=1))
         self.mesh = mesh
         return mesh
+
+    def check_reduction(self, model) -> None:
+        """After the engine wrapped ``model``: refuse a gradient reduction the loss scaling cannot
+        make exact (:func:`~hf_ring_attention.fsdp.check_gradient_reduction` for FSDP2; DDP
+        averages over all processes, which the scaling assumes)."""
+        from .fsdp import check_gradient_reduction
+
+        if self.mesh is not None and self.mesh.world_size > 1:
+            check_gradient_reduction(model, self.mesh.world_size)
 
     def prepare_model(self, model):
         """Refuse what training cannot make exact, then patch ``model`` (a transformers model, or
@@ -158,6 +206,36 @@ class ContextParallelSetup:
         if self._checked < self.check_batches:
             self._checked += 1
             check_same_batch(ring_batch, device=device)
+
+
+def check_engine(accelerator_state, parallelism_config=None) -> bool:
+    """Refuse the training engines the ring cannot make exact; returns whether accelerate applies
+    FSDP2 (which needs the FSDP2 mesh layout, see :func:`mesh_layout`)."""
+    from accelerate.utils import DistributedType
+
+    kind = accelerator_state.distributed_type
+    if kind == DistributedType.DEEPSPEED:
+        raise NotImplementedError(
+            "DeepSpeed is not supported with hf_ring_attention's context parallelism: accelerate's data "
+            "loader under DeepSpeed deals batches by data-parallel rank only (the ranks of a context-parallel "
+            "group would get different batches), and DeepSpeed's train_batch_size counts every process as a "
+            "data-parallel replica. "
+            "For sharded parameters, gradients and optimizer states use FSDP2 (fsdp_version: 2)."
+        )
+    if kind == DistributedType.FSDP:
+        version = getattr(getattr(accelerator_state, "fsdp_plugin", None), "fsdp_version", 1)
+        if version != 2:
+            raise NotImplementedError(
+                f"accelerate's FSDP version {version} is not supported with context parallelism; "
+                f"set fsdp_version: 2 (FSDP2, fully_shard) in the accelerate config."
+            )
+        if parallelism_config is not None and parallelism_config.tp_enabled:
+            raise NotImplementedError(
+                f"tensor parallelism (tp_size={parallelism_config.tp_size}) is not supported with "
+                f"hf_ring_attention's context parallelism; set tp_size=1."
+            )
+        return True
+    return False
 
 
 def transformers_model(module):

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 from transformers import TrainerCallback, default_data_collator
 
-from .cp import ContextParallelSetup
+from .cp import ContextParallelSetup, check_engine
+from .fsdp import is_fully_sharded
 
 
 class RingAttentionCallback(TrainerCallback):
@@ -66,11 +67,24 @@ class RingAttentionCallback(TrainerCallback):
             )
         if model is None:
             raise ValueError("RingAttentionCallback needs the Trainer's model")
+        state = AcceleratorState()
+        if not check_engine(state) and is_fully_sharded(model):
+            raise ValueError(
+                "the model is wrapped with fully_shard but the Trainer does not use FSDP2: accelerate would "
+                "wrap it in DDP, which refuses DTensor parameters. Let the Trainer apply FSDP2 "
+                "(TrainingArguments(fsdp='full_shard', fsdp_config={'version': 2}); accelerate applies FSDP "
+                "on GPUs only), or train the wrapped model with ContextParallelPlugin."
+            )
         # the Trainer's data loader then deals the same batch to the ranks of a cp group
-        self.cp.install(AcceleratorState(), getattr(args, "parallelism_config", None))
+        self.cp.install(state, getattr(args, "parallelism_config", None))
         model = self.cp.prepare_model(model)
         if self._hook is None and self.cp.check_batches:
             self._hook = model.register_forward_pre_hook(self._check_batch, with_kwargs=True)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        # the Trainer scales the loss for an average over all processes: FSDP2 must reduce that way
+        if model is not None:
+            self.cp.check_reduction(model)
 
     def on_step_end(self, args, state, control, **kwargs):
         # The Trainer's final train_loss adds the loss accumulated since the last log *without*

@@ -1,8 +1,11 @@
-"""The context-parallel setup shared by the plugin and the callback: cp_size resolution."""
+"""The context-parallel setup shared by the plugin and the callback: cp_size resolution, the mesh
+layouts for DDP and FSDP2, and the engines refused."""
+
+from types import SimpleNamespace
 
 import pytest
 
-from hf_ring_attention.cp import ENV_CP_SIZE, ContextParallelSetup, resolve_cp_size
+from hf_ring_attention.cp import ENV_CP_SIZE, ContextParallelSetup, FSDP_SHARD_DIM, check_engine, mesh_layout, resolve_cp_size
 
 
 def test_cp_size_argument_wins_over_environment_which_wins_over_world_size(monkeypatch):
@@ -42,3 +45,54 @@ def test_setup_refuses_unknown_layout_and_negative_check_count():
         ContextParallelSetup(layout="diagonal")
     with pytest.raises(ValueError, match="check_batches must be >= 0, got -1"):
         ContextParallelSetup(check_batches=-1)
+
+
+@pytest.mark.parametrize("world, cp, replicas, names, shape", [
+    (4, 2, None, ("dp_replicate", "cp"), (2, 2)),
+    (8, 8, None, ("dp_replicate", "cp"), (1, 8)),
+    (4, 2, 1, ("dp_replicate", "dp_shard", "cp"), (1, 2, 2)),
+    (8, 2, 2, ("dp_replicate", "dp_shard", "cp"), (2, 2, 2)),
+    (4, 2, 2, ("dp_replicate", "dp_shard", "cp"), (2, 1, 2)),
+])
+def test_mesh_layout_deals_one_batch_per_cp_group_and_shards_fsdp_over_every_process(world, cp, replicas, names, shape):
+    got_names, got_shape = mesh_layout(world, cp, replicas)
+    assert (got_names, got_shape) == (names, shape)
+    sizes = dict(zip(names, shape))
+    # accelerate's data loader (prepare_data_loader): batches differ across dp_replicate x dp_shard
+    # and repeat across cp, whose ranks are consecutive (the last mesh dimension)
+    assert sizes["dp_replicate"] * sizes.get("dp_shard", 1) == world // cp and names[-1] == "cp"
+    if replicas is not None:  # FSDP shards each replica over dp_shard x cp: all processes together
+        from accelerate import ParallelismConfig
+
+        assert sizes["dp_replicate"] == replicas and sizes["dp_shard"] * cp * replicas == world
+        # the dimensions accelerate's fsdp2_prepare_model shards over exist in the mesh: for the
+        # config the plugin installs (plain FSDP) and for a user's HSDP config
+        config = ParallelismConfig(dp_replicate_size=replicas, dp_shard_size=world // replicas)
+        assert set(config.fsdp_dim_names) <= {*names, FSDP_SHARD_DIM}
+        assert config.fsdp_dim_names[-1] == FSDP_SHARD_DIM and ("dp_replicate" in config.fsdp_dim_names) == (replicas > 1)
+
+
+def test_fsdp_mesh_layout_refuses_replicas_that_split_a_cp_group():
+    with pytest.raises(ValueError, match=r"dp_replicate_size=4 and cp_size=2 needs their product to divide the number of processes \(4\)"):
+        mesh_layout(4, 2, 4)
+
+
+@pytest.mark.parametrize("kind, plugin, config, error", [
+    ("DEEPSPEED", None, None, r"DeepSpeed is not supported .* data loader under DeepSpeed deals batches by data-parallel rank only"),
+    ("FSDP", SimpleNamespace(fsdp_version=1), None, r"FSDP version 1 is not supported .* set fsdp_version: 2"),
+    ("FSDP", SimpleNamespace(fsdp_version=2), SimpleNamespace(tp_enabled=True, tp_size=2), r"tensor parallelism \(tp_size=2\) is not supported"),
+])
+def test_engines_the_ring_cannot_make_exact_are_refused(kind, plugin, config, error):
+    from accelerate.utils import DistributedType
+
+    state = SimpleNamespace(distributed_type=DistributedType[kind], fsdp_plugin=plugin)
+    with pytest.raises(NotImplementedError, match=error):
+        check_engine(state, config)
+
+
+def test_fsdp2_and_ddp_are_accepted():
+    from accelerate.utils import DistributedType
+
+    assert check_engine(SimpleNamespace(distributed_type=DistributedType.FSDP, fsdp_plugin=SimpleNamespace(fsdp_version=2)))
+    assert not check_engine(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU))
+    assert not check_engine(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))

@@ -40,11 +40,13 @@ def launch_finetune(cwd: Path, *args: str):
 
 
 @pytest.mark.distributed
-def test_accelerate_launch_finetune_runs_and_saves_a_loadable_checkpoint(tmp_path):
+@pytest.mark.parametrize("engine", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+def test_accelerate_launch_finetune_runs_and_saves_a_loadable_checkpoint(tmp_path, engine):
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     run = launch_finetune(tmp_path, "--seq-len", "192", "--max-steps", "3", "--batch-size", "1", "--grad-accum", "2",
-                          "--eval-examples", "4", "--log-steps", "2", "--output-dir", str(tmp_path / "out"))
+                          "--eval-examples", "4", "--log-steps", "2", "--output-dir", str(tmp_path / "out"), *engine)
     assert "2 processes on cpu: 1 data-parallel x 2 context-parallel" in run.stdout
     assert "peak memory per rank (GiB)" in run.stdout
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
@@ -53,6 +55,8 @@ def test_accelerate_launch_finetune_runs_and_saves_a_loadable_checkpoint(tmp_pat
     assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and len(metrics["peak_memory_gib_per_rank"]) == 2
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert model.config.model_type == "llama"
+    saved = load_file(tmp_path / "out" / "model.safetensors")  # every weight, whole (not a shard)
+    assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in model.state_dict().items()}
     # output captured to a pipe: plain progress lines every --log-steps steps and at the end, no
     # carriage-return progress bars
     progress = [line.split()[1] for line in run.stdout.splitlines() if line.startswith("step ")]
