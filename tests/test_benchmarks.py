@@ -99,3 +99,22 @@ def test_memory_model_mode_measures_a_patched_llama_training_step(tmp_path):
     # inputs are the weights: the same on every rank and for every P
     assert rows[0]["inputs_mib"] == rows[1]["inputs_mib"] > 0
     assert all(r["peak_mib"] >= 0 and len(r["peak_mib_per_rank"]) == r["world_size"] for r in rows)
+
+
+def test_plan_smoke_reports_planning_time_per_rank(tmp_path):
+    payload = run_script("plan.py", tmp_path / "p.json", "--world-sizes", "2,4", "--docs", "1,16",
+                         "--tokens", "512", "--layouts", "zigzag,striped", "--windows", "none,8",
+                         "--repeats", "1", "--device", "cpu")
+    rows = payload["results"]
+    assert [(r["layout"], r["window"], r["world_size"], r["docs"]) for r in rows] == [
+        (l, w, p, d) for l in ("zigzag", "striped") for w in (None, 8) for p in (2, 4) for d in (1, 16)
+    ]
+    for r in rows:
+        assert len(r["plan_ms_per_rank"]) == r["world_size"]
+        assert r["plan_ms_max"] == max(r["plan_ms_per_rank"]) > 0
+        assert 1 <= r["num_steps"] <= r["world_size"] and r["calls_per_step_max"] >= 1
+        # every document is padded to the layout's multiple: 2P for zigzag, P for striped
+        multiple = 2 * r["world_size"] if r["layout"] == "zigzag" else r["world_size"]
+        assert r["padded_tokens"] % multiple == 0 and 512 <= r["padded_tokens"] < 512 + r["docs"] * multiple
+        assert r["upload_ms"] >= 0
+    assert payload["target_ms"] == 50.0
