@@ -9,9 +9,8 @@ import torch
 import fa2_rules
 from hf_ring_attention import InProcessRing, pad_for_layout
 from hf_ring_attention.layout import layout_multiple
-from hf_ring_attention.merge import merge_
-from hf_ring_attention.plan import Call, Rows
-from helpers import TOL, assert_close, attention_reference, random_bounds, rel_err
+from hf_ring_attention.plan import Call
+from helpers import TOL, attention_reference, random_bounds, rel_err
 
 LAYOUTS = ["zigzag", "contiguous", "striped"]
 HEADS = {"MHA": (4, 4), "GQA": (8, 2), "MQA": (4, 1)}
@@ -98,21 +97,6 @@ def test_padding_neither_attends_nor_is_attended(layout, causal):
 
 def test_float64_is_exact_to_rounding():
     check_ring([0, 16, 48], 4, "zigzag", True, 5, HEADS["GQA"], torch.float64)
-
-
-def test_merge_handles_rows_that_saw_nothing():
-    # rows 0: seen nothing yet + block sees nothing; 1: nothing yet + block; 2: both finite
-    out = torch.zeros(3, 1, 2)
-    lse = torch.tensor([[float("-inf"), float("-inf"), 0.5]])
-    out[2] = 1.0
-    block_out = torch.tensor([[[0.0, 0.0]], [[2.0, 3.0]], [[3.0, 3.0]]])
-    block_lse = torch.tensor([[float("-inf"), 1.0, 0.5]])
-    merge_(out, lse, Rows(0, 3), block_out, block_lse)
-    assert not out.isnan().any() and not lse.isnan().any()
-    assert torch.equal(out[0], torch.zeros(1, 2)) and lse[0, 0] == float("-inf")
-    assert torch.equal(out[1], block_out[1]) and lse[0, 1] == 1.0
-    torch.testing.assert_close(out[2], torch.full((1, 2), 2.0))
-    torch.testing.assert_close(lse[0, 2], torch.tensor(0.5 + torch.log(torch.tensor(2.0)).item()))
 
 
 # ----------------------------------------------------- flash-attn 2's rules, seen on CPU
