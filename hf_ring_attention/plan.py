@@ -186,9 +186,9 @@ class _Group(NamedTuple):
     seg: tuple  # q0, q1, k0, k1, left, right
 
 
-def _adjacent(ranges) -> torch.Tensor | bool:
+def _adjacent(ranges) -> torch.Tensor:
     """Whether the non-empty ranges [start, stop) of consecutive pieces follow each other."""
-    ok = True
+    ok = torch.tensor(True)
     for (a0, a1), (b0, b1) in zip(ranges, ranges[1:]):
         ok = ok & (~((a1 > a0) & (b1 > b0)) | (a1 == b0))
     return ok
