@@ -7,6 +7,8 @@ the layout's multiple as :func:`hf_ring_attention.pad_for_layout` and ``shard_ba
 real lengths go in as ``seqused``). For each (layout, window, P, N) it times building the plan of
 every rank (median of ``--repeats`` builds per rank, after one warm-up) and reports the slowest
 rank; the plan is built once per batch, before the first layer, on every rank at the same time.
+Wall time is what a rank waits; CPU time (``time.process_time``) is the work itself, and the
+better figure on a shared machine, where wall time also counts the waits for a core.
 It also reports the plan's size: kernel calls and segments per step on the slowest rank, and
 the time to move the plan's index tensors to the device (``RingPlan.upload``; on CPU a copy).
 
@@ -39,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--windows", type=parse_names, default=["none", "4096"],
                    help="sliding windows, 'none' for full causal (default none,4096)")
     p.add_argument("--repeats", type=int, default=3, help="timed builds per rank, median reported (default 3)")
+    p.add_argument("--max-ranks", type=int, default=None,
+                   help="time at most this many ranks, evenly spaced (default: every rank)")
     p.add_argument("--device", default=default_device(), help="device for the upload timing (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the results to this JSON file")
@@ -60,29 +64,37 @@ def random_documents(tokens: int, docs: int, multiple: int, seed: int) -> tuple[
     return bounds, lengths
 
 
-def time_plans(bounds, used, layout, P, window, repeats, device) -> dict:
-    """Median build time of every rank's plan, and the slowest rank's plan size and upload."""
-    build_s, plans = [], []
-    for rank in range(P):
+def time_plans(bounds, used, layout, P, window, repeats, device, max_ranks=None) -> dict:
+    """Median build time of every rank's plan (or of ``max_ranks`` evenly spaced ranks), and the
+    slowest rank's plan size and upload."""
+    build_s, cpu_s, plans = [], [], []
+    ranks = list(range(P)) if max_ranks is None or max_ranks >= P else sorted(
+        {round(i * (P - 1) / max(max_ranks - 1, 1)) for i in range(max_ranks)})
+    for rank in ranks:
         def build():
             return RingPlan(bounds, world_size=P, rank=rank, layout=layout, causal=True,
                             window_size=window, seqused=used)
 
         plan = build()  # warm-up (and the plan kept for its size)
-        samples = []
+        samples, cpu = [], []
         for _ in range(repeats):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             build()
             samples.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
         build_s.append(statistics.median(samples))
+        cpu_s.append(statistics.median(cpu))
         plans.append(plan)
-    slowest = max(range(P), key=lambda r: build_s[r])
+    slowest = max(range(len(ranks)), key=lambda i: build_s[i])
     plan = plans[slowest]
     steps = plan.steps[: plan.num_steps]
     row = {
+        "ranks_timed": ranks,
         "plan_ms_per_rank": [t * 1e3 for t in build_s],
         "plan_ms_max": max(build_s) * 1e3,
-        "plan_ms_mean": sum(build_s) / P * 1e3,
+        "plan_ms_mean": sum(build_s) / len(ranks) * 1e3,
+        "plan_cpu_ms_per_rank": [t * 1e3 for t in cpu_s],
+        "plan_cpu_ms_max": max(cpu_s) * 1e3,
         "num_steps": plan.num_steps,
         "calls_per_step_max": max(len(c) for c in steps),
         "segments_max": max(sum(len(call.segments) for call in c) for c in steps),
@@ -115,7 +127,8 @@ def main(argv=None) -> dict:
     machine["backend"] = "none (host planning)"
     print_machine(machine)
     print(f"{args.tokens} real tokens per batch in N random-length documents, each padded to the layout's "
-          f"multiple; median of {args.repeats} builds per rank, slowest rank reported; one thread", flush=True)
+          f"multiple; median of {args.repeats} builds per rank, slowest rank reported; one thread; "
+          f"load average {machine['load_average_1min']}", flush=True)
     rows = []
     for layout in args.layouts:
         for window in windows:
@@ -124,16 +137,17 @@ def main(argv=None) -> dict:
                     bounds, used = random_documents(args.tokens, docs, layout_multiple(layout, P), args.seed)
                     row = {"layout": layout, "window": window, "world_size": P, "docs": docs,
                            "padded_tokens": bounds[-1],
-                           **time_plans(bounds, used, layout, P, window, args.repeats, args.device)}
+                           **time_plans(bounds, used, layout, P, window, args.repeats, args.device, args.max_ranks)}
                     rows.append(row)
                     print(f"{layout:>10} window={str(window):>5} P={P:>2} docs={docs:>4}: slowest rank "
-                          f"{row['plan_ms_max']:.1f} ms (mean {row['plan_ms_mean']:.1f}), "
+                          f"{row['plan_ms_max']:.1f} ms (mean {row['plan_ms_mean']:.1f}, CPU {row['plan_cpu_ms_max']:.1f}), "
                           f"{row['num_steps']} steps, <= {row['calls_per_step_max']} calls per step", flush=True)
     print()
     print_machine(machine)
     print_table(rows, [("layout", "layout", ""), ("window", "window", ""), ("world_size", "P", ""),
                        ("docs", "documents", ""), ("plan_ms_max", "plan ms (slowest rank)", ".1f"),
-                       ("plan_ms_mean", "plan ms (mean)", ".1f"), ("num_steps", "steps", ""),
+                       ("plan_ms_mean", "plan ms (mean)", ".1f"), ("plan_cpu_ms_max", "CPU ms (slowest)", ".1f"),
+                       ("num_steps", "steps", ""),
                        ("calls_per_step_max", "calls/step", ""), ("segments_max", "segments/step", ""),
                        ("upload_ms", "upload ms", ".2f")])
     payload = {"benchmark": "plan", "machine": machine, "settings": vars(args), "target_ms": TARGET_MS,

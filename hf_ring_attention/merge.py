@@ -121,8 +121,10 @@ def _merge_triton(out, lse, rows, block_out, block_lse) -> None:
         return
     if out.dtype != torch.float32 or lse.dtype != torch.float32:
         raise TypeError(f"the Triton merge accumulates in float32, got out {out.dtype}, lse {lse.dtype}")
-    if out.stride(-1) != 1 or block_out.stride(-1) != 1 or lse.stride(-1) != 1 or block_lse.stride(-1) != 1:
-        raise ValueError("the Triton merge needs the last dimension of out, lse, block_out and block_lse contiguous")
+    if out.stride(-1) != 1 or lse.stride(-1) != 1:
+        raise ValueError("the Triton merge needs the running out and lse contiguous in their last dimension")
+    block_out = block_out if block_out.stride(-1) == 1 else block_out.contiguous()
+    block_lse = block_lse if block_lse.stride(-1) == 1 else block_lse.contiguous()
     block_d = triton.next_power_of_2(head_dim)
     block_m = max(1, min(64, 4096 // block_d))
     index = rows.index if rows.index is not None else block_lse  # any pointer: unused without an index

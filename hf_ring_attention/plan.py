@@ -125,15 +125,28 @@ class DeviceCall:
 
 # ------------------------------------------------------------------------------ integer helpers
 def _ceil_div(a, b: int):
-    return -((-a) // b)
+    return a if b == 1 else -((-a) // b)
+
+
+def _floor_div(a, b: int):
+    return a if b == 1 else a // b
 
 
 def _max(a, b):
-    return torch.maximum(torch.as_tensor(a), torch.as_tensor(b))
+    """Elementwise maximum of tensors or ints (at least one a tensor)."""
+    if isinstance(b, int):
+        return a.clamp(min=b)
+    if isinstance(a, int):
+        return b.clamp(min=a)
+    return torch.maximum(a, b)
 
 
 def _min(a, b):
-    return torch.minimum(torch.as_tensor(a), torch.as_tensor(b))
+    if isinstance(b, int):
+        return a.clamp(max=b)
+    if isinstance(a, int):
+        return b.clamp(max=a)
+    return torch.minimum(a, b)
 
 
 class _Docs(NamedTuple):
@@ -169,7 +182,7 @@ def _cell(qp: PieceArrays, qn, kp: PieceArrays, kn, causal: bool, window: int | 
     lo_delta = 0 if causal else (None if window is None else -(window - 1))
     hi_delta = None if window is None else window - 1
     d_lo = -INF if lo_delta is None else _ceil_div(lo_delta - g, st) + shift
-    d_hi = INF if hi_delta is None else (hi_delta - g) // st + shift
+    d_hi = INF if hi_delta is None else _floor_div(hi_delta - g, st) + shift
     q0, k0 = qp.local, kp.local
     q1, k1 = q0 + qn, k0 + kn
     nonempty = (qn > 0) & (kn > 0)
@@ -209,6 +222,9 @@ def _merge(grid: dict, rows: list[int], cols: list[int], q_ranges, k_ranges) -> 
     ``ok`` where a single band describes them over adjacent rows and columns (pieces without real
     rows do not count), ``exists`` where something is visible, and the cropped segment."""
     members = [grid[i, j] for i in rows for j in cols]
+    if len(members) == 1:  # one cell: always one rectangle, its band the visible interval
+        (c,) = members
+        return _Group(torch.ones_like(c.visible), c.visible, _segment(c.q0, c.q1, c.k0, c.k1, c.lo, c.hi))
     ok = _adjacent([q_ranges[i] for i in rows]) & _adjacent([k_ranges[j] for j in cols])
     ok = ok & torch.ones_like(members[0].visible)
     band_lo = torch.full_like(members[0].lo, INF)
@@ -307,17 +323,14 @@ def _colors(fields, exists) -> torch.Tensor:
     different documents never overlap, so this is decided per document."""
     q0, q1, _, _, left, right = fields
     slots = exists.shape[-1]
-    color = torch.full_like(q0, -1)
-    for t in range(slots):
-        pick = torch.full_like(q0[..., t], -1)
-        for c in reversed(range(slots)):
-            busy = torch.zeros_like(exists[..., t])
-            for u in range(t):
-                busy |= (exists[..., u] & (left[..., u] == left[..., t]) & (right[..., u] == right[..., t])
-                         & (color[..., u] == c) & (q1[..., u] > q0[..., t]))
-            pick = torch.where(busy, pick, c)
-        color[..., t] = torch.where(exists[..., t], pick, -1)
-    return color
+    color = torch.zeros_like(q0)
+    for t in range(1, slots):
+        # earlier segments of this document with the same window whose rows reach into slot t
+        conflict = (exists[..., :t] & (left[..., :t] == left[..., t:t + 1]) & (right[..., :t] == right[..., t:t + 1])
+                    & (q1[..., :t] > q0[..., t:t + 1]))
+        taken = (conflict[..., None] & (color[..., :t, None] == torch.arange(slots))).any(-2)
+        color[..., t] = (~taken).to(torch.int8).argmax(-1)  # the first free call
+    return torch.where(exists, color, -1)
 
 
 def plan_rank(
@@ -374,10 +387,16 @@ def count_steps(bounds, seqused, layout: str, world_size: int, causal: bool, win
         return world_size
     docs = _docs(bounds, seqused)
     ranks = torch.arange(world_size)[:, None, None]
-    steps = torch.arange(world_size)[None, :, None]
-    grid, _, _ = _cells(docs, layout, world_size, ranks, (ranks - steps) % world_size, causal, window)
-    work = torch.stack([c.visible.expand(world_size, world_size, -1) for c in grid.values()]).any(0).any(-1).any(0)
-    busy = work.nonzero().flatten()
+
+    def work(steps: torch.Tensor) -> torch.Tensor:
+        """[len(steps)] bool: does any rank have a visible pair at these steps."""
+        grid, _, _ = _cells(docs, layout, world_size, ranks, (ranks - steps[None, :, None]) % world_size, causal, window)
+        shape = (world_size, len(steps), len(docs.start))
+        return torch.stack([c.visible.expand(shape) for c in grid.values()]).any(0).any(-1).any(0)
+
+    if work(torch.tensor([world_size - 1])).any():  # the common case: the last step has work
+        return world_size
+    busy = work(torch.arange(world_size - 1)).nonzero().flatten()
     return int(busy.max()) + 1 if len(busy) else 1
 
 

@@ -112,6 +112,7 @@ def test_plan_smoke_reports_planning_time_per_rank(tmp_path):
     for r in rows:
         assert len(r["plan_ms_per_rank"]) == r["world_size"]
         assert r["plan_ms_max"] == max(r["plan_ms_per_rank"]) > 0
+        assert r["plan_cpu_ms_max"] == max(r["plan_cpu_ms_per_rank"]) >= 0
         assert 1 <= r["num_steps"] <= r["world_size"] and r["calls_per_step_max"] >= 1
         # every document is padded to the layout's multiple: 2P for zigzag, P for striped
         multiple = 2 * r["world_size"] if r["layout"] == "zigzag" else r["world_size"]
