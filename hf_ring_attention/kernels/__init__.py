@@ -87,9 +87,10 @@ def _automatic(device: torch.device, dtype: torch.dtype, head_dim: int) -> Kerne
         fixes.append("cast q, k, v to bfloat16 or float16 (or run the model under torch.autocast)")
     if head_dim % 8 or head_dim > 256:
         fixes.append("use a head_dim that is a multiple of 8 and at most 256")
-    fixes.append("install a flash kernel (pip install flash-attn-4 on H100/H200, or flash-attn)"
-                 if not fixes else "")
-    fix = ", or ".join(f for f in fixes if f)
+    if not fixes:
+        fixes.append("see the reasons above: PyTorch's built-in kernels (torch_flash) need no install on an "
+                     "sm80 or newer GPU")
+    fix = "; ".join(fixes)
     raise ValueError(
         f"no flash attention kernel can run on {device} with {_dt(dtype)} and head_dim {head_dim} ({listed}). "
         f"Fix: {fix}. backend='cpu' runs the reference kernel on the GPU instead, which materialises the "
