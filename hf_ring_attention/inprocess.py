@@ -12,7 +12,8 @@ import torch
 
 from .kernels import Kernel, accumulate_dtype, get_kernel, resolve_scale
 from .layout import local_indices
-from .plan import RingPlan, count_steps
+from .merge import prepare
+from .plan import RingPlan
 from .ring import backward_step, check_qkv, check_tokens, forward_step, new_result
 
 
@@ -83,6 +84,7 @@ class InProcessRing:
             check_qkv(q, k, v)
             check_tokens(q, plan.local_tokens, self.world_size)
         kernel = get_kernel(backend, qs[0].device, qs[0].dtype, qs[0].shape[-1])
+        prepare(qs[0].device)
         scale = resolve_scale(softmax_scale, qs[0].shape[-1])
         tensors = [t.contiguous() for t in (*qs, *ks, *vs)]
         return list(_InProcessFunction.apply(self, kernel, scale, *tensors))

@@ -15,11 +15,15 @@ sees no key in either (both -inf) is left unchanged (out 0, lse -inf), never NaN
 Two implementations with one interface: on CUDA a Triton kernel that reads the rows of (out, lse)
 through the index and the block once, and writes once (about 16 bytes per element instead of the
 ~42 of float32 temporaries of eight elementwise kernels); elsewhere, or without Triton, PyTorch.
-Tests run the Triton kernel on CPU through Triton's interpreter (``TRITON_INTERPRET=1``).
+The ring calls :func:`prepare` before any communication: the first time on a device it runs a
+tiny merge through Triton and compares it with PyTorch, and if Triton fails (an incompatible
+release, say) it warns once and PyTorch merges on that device. Tests run the Triton kernel on CPU
+through Triton's interpreter (``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations
 
+import warnings
 from functools import lru_cache
 
 import torch
@@ -38,14 +42,56 @@ def merge_(out: torch.Tensor, lse: torch.Tensor, rows, block_out: torch.Tensor, 
         block_out (`torch.Tensor`): ``[n, H, D]``.
         block_lse (`torch.Tensor`): ``[H, n]``.
         use_triton (`bool`, *optional*): force the Triton kernel (True) or PyTorch (False);
-            default: Triton for CUDA float32 tensors when it imports.
+            default: Triton for float32 results on a device where :func:`prepare` found it working.
     """
     if use_triton is None:
-        use_triton = out.is_cuda and out.dtype == torch.float32 and _triton() is not None
+        use_triton = out.dtype == torch.float32 and prepare(out.device)
     if use_triton:
         _merge_triton(out, lse, rows, block_out, block_lse)
     else:
         _merge_torch(out, lse, rows, block_out, block_lse)
+
+
+@lru_cache(maxsize=None)
+def prepare(device: torch.device) -> bool:
+    """Whether merges on ``device`` go through Triton: a CUDA device, Triton imports, and a tiny
+    merge through it matches PyTorch's (checked once per device; a failure warns and returns
+    False). Call it before communication starts: the first check compiles the kernel."""
+    device = torch.device(device)
+    if device.type != "cuda" or _triton() is None:
+        return False
+    return self_test(device)
+
+
+def self_test(device: torch.device) -> bool:
+    """Merge a few random rows (by index and by range, with -inf rows) through Triton and PyTorch
+    on ``device``; True if they agree, else a warning naming what went wrong and False."""
+    from .plan import Rows
+
+    gen = torch.Generator().manual_seed(0)
+    out = torch.randn(9, 2, 24, generator=gen)
+    lse = torch.randn(2, 9, generator=gen)
+    lse[0, :3] = NEG_INF
+    out[:3, 0] = 0.0
+    block_out, block_lse = torch.randn(4, 2, 24, generator=gen), torch.randn(2, 4, generator=gen)
+    block_lse[1, 0] = NEG_INF
+    index = torch.tensor([0, 2, 5, 8], dtype=torch.int32)
+    try:
+        for rows in (Rows(0, 9, index.to(device)), Rows(3, 7)):
+            results = []
+            for use_triton in (True, False):
+                o, l = out.to(device), lse.to(device)
+                merge_(o, l, rows, block_out.to(device), block_lse.to(device), use_triton=use_triton)
+                results.append((o.cpu(), l.cpu()))
+            (ot, lt), (of, lf) = results
+            if not (torch.allclose(ot, of, rtol=1e-5, atol=1e-5) and torch.equal(lt.isinf(), lf.isinf())
+                    and torch.allclose(lt[lf.isfinite()], lf[lf.isfinite()], rtol=1e-5, atol=1e-5)):
+                raise AssertionError("its result differs from PyTorch's")
+    except Exception as error:  # any failure of the fast path: keep the exact one
+        warnings.warn(f"the Triton merge does not work on {device} ({type(error).__name__}: {error}); "
+                      f"merging with PyTorch instead", RuntimeWarning, stacklevel=2)
+        return False
+    return True
 
 
 def _merge_torch(out, lse, rows, block_out, block_lse) -> None:

@@ -24,7 +24,7 @@ import torch
 
 from .distributed import group_rank, group_size
 from .kernels import Kernel, accumulate_dtype, get_kernel, resolve_scale
-from .merge import merge_
+from .merge import merge_, prepare
 from .plan import DeviceCall, RingPlan, Rows
 from .transport import RingComm
 
@@ -197,6 +197,7 @@ def ring_attention_with_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     check_tokens(q, plan.local_tokens, world_size)
     # dtype, device and head_dim decide the kernel, or raise here, before any communication
     kernel = get_kernel(backend, q.device, q.dtype, q.shape[-1])
+    prepare(q.device)  # the merge's first use on a device compiles and checks it: not mid-ring
     scale = resolve_scale(softmax_scale, q.shape[-1])
     ring = _Ring(plan.device_calls(q.device), plan.num_steps, RingComm(group, rank, world_size), kernel, scale)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()

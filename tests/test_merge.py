@@ -9,9 +9,12 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 
+import pytest
 import torch
 
+from hf_ring_attention import merge
 from hf_ring_attention.merge import merge_
 from hf_ring_attention.plan import Rows
 
@@ -80,8 +83,11 @@ def test_triton_merge_matches_float64_under_the_interpreter():
             import triton  # noqa: F401
         except ImportError:
             sys.exit("triton is not installed: it is in the test extra (pip install -e .[test])")
+        import torch
+        from hf_ring_attention.merge import self_test
         from test_merge import check_against_float64
         check_against_float64(use_triton=True)
+        assert self_test(torch.device("cpu"))  # the check the ring runs before it starts
         print("triton merge ok")
     """)
     env = dict(os.environ, TRITON_INTERPRET="1",
@@ -104,3 +110,21 @@ def test_merge_handles_rows_that_saw_nothing():
     assert torch.equal(out[1], block_out[1]) and lse[0, 1] == 1.0
     torch.testing.assert_close(out[2], torch.full((1, 2), 2.0))
     torch.testing.assert_close(lse[0, 2], torch.tensor(0.5 + math.log(2.0)))
+
+
+def test_merge_uses_pytorch_off_cuda():
+    assert merge.prepare(torch.device("cpu")) is False
+
+
+def test_a_failing_triton_merge_warns_and_leaves_pytorch_in_charge(monkeypatch):
+    class Broken:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise RuntimeError("PassManager::run failed")
+            return launch
+
+    fake_triton = types.SimpleNamespace(next_power_of_2=lambda n: 1 << (n - 1).bit_length(),
+                                        cdiv=lambda a, b: -(-a // b))
+    monkeypatch.setattr(merge, "_triton", lambda: (fake_triton, Broken()))
+    with pytest.warns(RuntimeWarning, match="Triton merge does not work on cpu.*PassManager::run failed.*PyTorch"):
+        assert merge.self_test(torch.device("cpu")) is False
