@@ -30,7 +30,7 @@ makes both rewrites exact. Reporting the true ``max(Lk)`` is wrong whenever Lq >
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
 import torch

@@ -2,6 +2,7 @@
 selection by what imports, never the cpu kernel on CUDA by accident; adapters against stand-ins
 that follow the real signatures."""
 
+import inspect
 import sys
 import types
 
@@ -372,15 +373,15 @@ def _fa4_stand_in(drop_keyword: str | None = None):
                                                                max_seqlen_k, causal, window_size_left,
                                                                window_size_right), softmax_scale)
 
-    if drop_keyword is not None:  # a release whose forward lost a keyword the adapter passes
-        def _flash_attn_fwd(q, k, v, **kw):  # noqa: F811
-            raise AssertionError("never called")
-        import inspect
-        params = [p for p in inspect.signature(_fa4_stand_in()[0]._flash_attn_fwd).parameters.values()
-                  if p.name != drop_keyword]
-        _flash_attn_fwd.__signature__ = inspect.Signature(params)
     module = types.ModuleType("flash_attn.cute.interface")
     module._flash_attn_fwd, module._flash_attn_bwd = _flash_attn_fwd, _flash_attn_bwd
+    if drop_keyword is not None:  # a release whose forward lost a keyword the adapter passes
+        def older_fwd(q, k, v, **kw):
+            raise AssertionError("never called")
+
+        params = inspect.signature(_flash_attn_fwd).parameters.values()
+        older_fwd.__signature__ = inspect.Signature([p for p in params if p.name != drop_keyword])
+        module._flash_attn_fwd = older_fwd
     return module, calls
 
 
