@@ -6,7 +6,8 @@ Every rank times, at the same moment as the others and with one torch thread per
   ``backward_rank`` on the same shards: exactly the kernel calls and merges of the ring);
 * ``ring``: :func:`hf_ring_attention.ring_attention` on its shard (made by :func:`shard`),
   forward and forward+backward, K/V (and dK/dV) travelling by ``batch_isend_irecv``;
-* ``transfer``: one bare ring step, a K/V block sent to the next rank (``RingComm.shift``).
+* ``transfer``: one bare ring step, a K/V block (K and V in one buffer) sent to the next rank
+  (``RingComm.shift``).
 
 The ring's forward sends P-1 K/V blocks; its backward P-1 K/V blocks and P dK/dV blocks (the last
 one goes straight home). Times are those of the slowest rank in the best of the repeats (every
@@ -29,7 +30,7 @@ import torch.distributed as dist
 
 from common import balance, machine_info, parse_names, parse_sizes, print_machine, print_table, run_ranks, time_samples, write_json
 from hf_ring_attention import LAYOUTS, InProcessRing, ring_attention, shard
-from hf_ring_attention.kernels import get_kernel
+from hf_ring_attention.kernels import get_kernel, resolve_scale
 from hf_ring_attention.transport import RingComm
 
 
@@ -56,19 +57,20 @@ def ring_worker(rank: int, world_size: int, cfg: dict) -> dict:
     gen = torch.Generator().manual_seed(cfg["seed"])  # the same full tensors on every rank
     q, dout = torch.randn(T, H, D, generator=gen), torch.randn(T, H, D, generator=gen)
     k, v = torch.randn(T, Hkv, D, generator=gen), torch.randn(T, Hkv, D, generator=gen)
-    kernel = get_kernel(None, q.device, q.dtype)
+    kernel = get_kernel(None, q.device, q.dtype, D)
+    scale = resolve_scale(None, D)
     timing = dict(warmup=cfg["warmup"], repeats=cfg["repeats"], before=dist.barrier)
     result = {"layouts": {}}
     for layout in cfg["layouts"]:
         ring = InProcessRing(None, world_size=world_size, layout=layout, total=T)
         qs, ks, vs, douts = (ring.shard(t) for t in (q, k, v, dout))
-        dks = [torch.zeros_like(t) for t in ks]
-        dvs = [torch.zeros_like(t) for t in vs]
+        kvs = [torch.stack([a, b]) for a, b in zip(ks, vs)]  # K/V as the ring holds them
+        dkvs = [torch.zeros_like(t) for t in kvs]
 
         def compute_fwd_bwd():
-            out, lse = ring.forward_rank(rank, qs, ks, vs, kernel)
+            out, lse = ring.forward_rank(rank, qs, kvs, kernel, scale)
             outs, lses = [out] * world_size, [lse] * world_size  # only entry `rank` is read
-            ring.backward_rank(rank, douts, qs, ks, vs, outs, lses, dks, dvs, kernel)
+            ring.backward_rank(rank, douts, qs, kvs, outs, lses, dkvs, kernel, scale)
 
         local = [shard(t, layout=layout) for t in (q, k, v, dout)]
         assert all(torch.equal(a, b[rank]) for a, b in zip(local, (qs, ks, vs, douts)))
@@ -84,16 +86,16 @@ def ring_worker(rank: int, world_size: int, cfg: dict) -> dict:
             ring_attention(*leaves, layout=layout).backward(local[3])
 
         result["layouts"][layout] = {
-            "compute_fwd": time_samples(lambda: ring.forward_rank(rank, qs, ks, vs, kernel), "cpu", **timing),
+            "compute_fwd": time_samples(lambda: ring.forward_rank(rank, qs, kvs, kernel, scale), "cpu", **timing),
             "compute_fwd_bwd": time_samples(compute_fwd_bwd, "cpu", **timing),
             "ring_fwd": time_samples(ring_fwd, "cpu", **timing),
             "ring_fwd_bwd": time_samples(ring_fwd_bwd, "cpu", **timing),
         }
     comm = RingComm(None, rank, world_size)
-    block = [k[: T // world_size].contiguous(), v[: T // world_size].contiguous()]
+    block = torch.stack([k[: T // world_size], v[: T // world_size]])  # one K/V message, as in the ring
     result["transfer"] = time_samples(lambda: comm.shift(block).wait(), "cpu", warmup=2,
                                       repeats=cfg["exchange_repeats"], before=dist.barrier)
-    result["transfer_bytes"] = sum(t.numel() * t.element_size() for t in block)
+    result["transfer_bytes"] = block.numel() * block.element_size()
     return result
 
 
@@ -152,7 +154,7 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--tokens={args.tokens} must be a multiple of 2 x world size = {2 * args.world_size}")
     if args.heads % args.kv_heads:
         raise SystemExit(f"--heads={args.heads} must be a multiple of --kv-heads={args.kv_heads}")
-    machine = machine_info("cpu", get_kernel(None, torch.device("cpu"), torch.float32).name, threads=1)
+    machine = machine_info("cpu", get_kernel(None, torch.device("cpu"), torch.float32, args.head_dim).name, threads=1)
     print_machine(machine)
     print(f"{args.world_size} gloo processes, torch.set_num_threads(1) in each; one causal sequence of "
           f"{args.tokens} tokens ({args.tokens // args.world_size} per rank), {args.heads} query / "

@@ -29,7 +29,7 @@ from common import (
     write_json,
 )
 from hf_ring_attention import LAYOUTS, InProcessRing
-from hf_ring_attention.kernels import get_kernel
+from hf_ring_attention.kernels import Varlen, get_kernel, resolve_scale
 
 # Full-size sweep (CUDA) and the tiny one used automatically with --device cpu.
 GPU_DEFAULTS = dict(dtype="bfloat16", heads=32, kv_heads=8, head_dim=128, world_sizes="2,4,8",
@@ -42,7 +42,8 @@ FWD_BWD_FLOPS = 3.5  # forward+backward FLOPs per forward FLOP (DESIGN.md conven
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default=default_device(), help="cuda (default if available) or cpu")
-    p.add_argument("--backend", default=None, help="kernel backend: flash_attn, torch or cpu (default: automatic)")
+    p.add_argument("--backend", default=None,
+                   help="kernel backend: flash_attn_4, flash_attn, torch_flash or cpu (default: automatic)")
     p.add_argument("--layouts", type=parse_names, default=list(LAYOUTS), help="comma-separated (default: all)")
     p.add_argument("--world-sizes", type=parse_sizes, default=None,
                    help=f"ranks P (default {GPU_DEFAULTS['world_sizes']} on CUDA, {CPU_DEFAULTS['world_sizes']} on CPU)")
@@ -106,13 +107,14 @@ def time_full(lengths: list[int], kernel, args) -> dict:
     total = sum(lengths)
     q, k, v, dout = random_qkv(total, args, torch.Generator(args.device).manual_seed(args.seed))
     cu = cu_seqlens(lengths, args.device)
-    call = (cu, cu, max(lengths), max(lengths), True, (-1, 0), None)  # causal, default softmax_scale
+    call = Varlen(cu, cu, max(lengths), max(lengths), (-1, 0))  # causal
+    scale = resolve_scale(None, args.head_dim)
 
     def fwd_bwd():
-        o, l = kernel.forward(q, k, v, *call)
-        kernel.backward(dout, q, k, v, o, l, *call)
+        o, l = kernel.forward(q, k, v, call, scale)
+        kernel.backward(dout, q, k, v, o, l, call, scale)
 
-    fwd = time_call(lambda: kernel.forward(q, k, v, *call), args.device, warmup=args.warmup, repeats=args.repeats)
+    fwd = time_call(lambda: kernel.forward(q, k, v, call, scale), args.device, warmup=args.warmup, repeats=args.repeats)
     fb = time_call(fwd_bwd, args.device, warmup=args.warmup, repeats=args.repeats)
     flops = attention_flops(lengths, args.heads, args.head_dim)
     return {"fwd_s": fwd, "fwd_bwd_s": fb, "tflops_fwd": flops / fwd / 1e12,
@@ -123,18 +125,21 @@ def time_ranks(layout: str, lengths: list[int], P: int, kernel, args) -> dict:
     """Forward and forward+backward time of every rank's share of the ring, one rank at a time."""
     total = sum(lengths)
     ring = InProcessRing(cu_seqlens(lengths), world_size=P, layout=layout)
+    for plan in ring.plans:
+        plan.upload(args.device)
     q, k, v, dout = random_qkv(total, args, torch.Generator(args.device).manual_seed(args.seed))
-    qs, ks, vs, douts = ring.shard(q), ring.shard(k), ring.shard(v), ring.shard(dout)
+    qs, douts = ring.shard(q), ring.shard(dout)
+    kvs = [torch.stack([a, b]) for a, b in zip(ring.shard(k), ring.shard(v))]  # K/V as the ring holds them
     del q, k, v, dout
-    dks = [torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x in ks]
-    dvs = [torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x in vs]
+    dkvs = [torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x in kvs]
+    scale = resolve_scale(None, args.head_dim)
 
     def fwd_bwd(r):
-        out, lse = ring.forward_rank(r, qs, ks, vs, kernel)
+        out, lse = ring.forward_rank(r, qs, kvs, kernel, scale)
         # backward_rank reads only entry r of the outputs and log-sum-exps
-        ring.backward_rank(r, douts, qs, ks, vs, [out] * P, [lse] * P, dks, dvs, kernel)
+        ring.backward_rank(r, douts, qs, kvs, [out] * P, [lse] * P, dkvs, kernel, scale)
 
-    fwd = [time_call(lambda: ring.forward_rank(r, qs, ks, vs, kernel), args.device,
+    fwd = [time_call(lambda: ring.forward_rank(r, qs, kvs, kernel, scale), args.device,
                      warmup=args.warmup, repeats=args.repeats) for r in range(P)]
     fb = [time_call(lambda: fwd_bwd(r), args.device, warmup=args.warmup, repeats=args.repeats)
           for r in range(P)]
@@ -145,7 +150,7 @@ def time_ranks(layout: str, lengths: list[int], P: int, kernel, args) -> dict:
 def main(argv=None) -> dict:
     args = resolve(build_parser().parse_args(argv))
     torch.set_num_threads(args.threads)
-    kernel = get_kernel(args.backend, torch.device(args.device), args.dtype)
+    kernel = get_kernel(args.backend, torch.device(args.device), args.dtype, args.head_dim)
     machine = machine_info(args.device, kernel.name)
     print_machine(machine)
     print(f"shape: {args.heads} query / {args.kv_heads} key-value heads, head_dim {args.head_dim}, "

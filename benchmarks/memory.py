@@ -43,7 +43,7 @@ import torch.distributed as dist
 
 from common import default_device, machine_info, parse_dtype, parse_sizes, print_machine, print_table, run_ranks, size_label, write_json
 from hf_ring_attention import LAYOUTS, InProcessRing, ring_attention
-from hf_ring_attention.kernels import get_kernel
+from hf_ring_attention.kernels import get_kernel, resolve_scale
 
 MIB = 2**20
 
@@ -207,30 +207,30 @@ def measure_cpu(P: int, T: int, shapes: dict, args) -> list[dict]:
 def measure_cuda(P: int, T: int, shapes: dict, args) -> list[dict]:
     device, dtype = torch.device(args.device), args.dtype
     H, Hkv, D, local = shapes["heads"], shapes["kv_heads"], shapes["head_dim"], T // P
-    kernel = get_kernel(None, device, dtype)
+    kernel = get_kernel(None, device, dtype, D)
+    scale = resolve_scale(None, D)
     ring = InProcessRing(None, world_size=P, layout=args.layout, total=T)
     gen = torch.Generator(device).manual_seed(0)
     make = lambda *shape: torch.randn(shape, generator=gen, device=device, dtype=dtype)
     qs, douts = [make(local, H, D) for _ in range(P)], [make(local, H, D) for _ in range(P)]
-    ks, vs = [make(local, Hkv, D) for _ in range(P)], [make(local, Hkv, D) for _ in range(P)]
-    dks = [torch.zeros(local, Hkv, D, device=device) for _ in range(P)]
-    dvs = [torch.zeros(local, Hkv, D, device=device) for _ in range(P)]
+    kvs = [make(2, local, Hkv, D) for _ in range(P)]  # K and V in one buffer, as the ring holds them
+    dkvs = [torch.zeros(2, local, Hkv, D, device=device) for _ in range(P)]
     block = 2 * local * Hkv * D  # elements of one K/V (or dK/dV) block
     in_flight = (block * qs[0].element_size() + 2 * block * 4) / MIB if P > 1 else 0.0
-    inputs = sum(t.numel() * t.element_size() for t in (qs[0], ks[0], vs[0], douts[0])) / MIB
+    inputs = sum(t.numel() * t.element_size() for t in (qs[0], kvs[0], douts[0])) / MIB
     results = []
     for r in range(P):
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
-        out, lse = ring.forward_rank(r, qs, ks, vs, kernel)
-        dq = ring.backward_rank(r, douts, qs, ks, vs, [out] * P, [lse] * P, dks, dvs, kernel)
+        out, lse = ring.forward_rank(r, qs, kvs, kernel, scale)
+        dq = ring.backward_rank(r, douts, qs, kvs, [out] * P, [lse] * P, dkvs, kernel, scale)
         torch.cuda.synchronize(device)
         peak = (torch.cuda.max_memory_allocated(device) - before) / MIB + in_flight
         del out, lse, dq
         results.append({"inputs_mib": inputs, "peak_mib": peak,
                         "method": "max_memory_allocated + K/V and dK/dV in flight from their sizes"})
-    del qs, ks, vs, douts, dks, dvs
+    del qs, kvs, douts, dkvs
     torch.cuda.empty_cache()
     return results
 
@@ -273,7 +273,7 @@ def main(argv=None) -> dict:
     if bad:
         raise SystemExit(f"--seq-lens {bad} must be multiples of {multiple} (2 x the largest world size)")
     shapes = llama_shapes(llama_config(args))
-    backend = get_kernel(None, device, args.dtype).name
+    backend = get_kernel(None, device, args.dtype, shapes["head_dim"]).name
     machine = machine_info(device, backend, threads=1 if device.type == "cpu" else None)
     print_machine(machine)
     what = (f"a training step of the whole model patched with patch_model (vocabulary {shapes['vocab_size']}, "

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import torch
 
-from .kernels import get_kernel
+from .kernels import Kernel, accumulate_dtype, get_kernel, resolve_scale
 from .layout import local_indices
+from .merge import prepare
 from .plan import RingPlan
-from .ring import accumulate_dtype, backward_step, check_qkv, check_tokens, forward_step, new_result
+from .ring import backward_step, check_qkv, check_tokens, forward_step, new_result
 
 
 class InProcessRing:
@@ -51,40 +52,42 @@ class InProcessRing:
         index = torch.cat(self._index).to(parts[0].device)
         return torch.cat(parts, dim=dim).index_select(dim, torch.argsort(index))
 
-    def forward_rank(self, rank, qs, ks, vs, kernel, softmax_scale=None):
-        """Rank ``rank``'s (out, lse), reading the other ranks' K/V blocks directly."""
+    def forward_rank(self, rank: int, qs, kvs, kernel: Kernel, softmax_scale: float):
+        """Rank ``rank``'s (out, lse), reading the other ranks' K/V blocks (``kvs[r]`` is rank
+        r's ``[2, T, Hkv, D]`` buffer, K then V) directly."""
         q, P = qs[rank], self.world_size
         out, lse = new_result(q)
         calls = self.plans[rank].device_calls(q.device)
         for step in range(self.num_steps):
-            src = (rank - step) % P
-            forward_step(q, ks[src], vs[src], calls[step], out, lse, kernel, softmax_scale)
+            forward_step(q, kvs[(rank - step) % P], calls[step], out, lse, kernel, softmax_scale)
         return out.to(q.dtype), lse
 
-    def backward_rank(self, rank, douts, qs, ks, vs, outs, lses, dks, dvs, kernel, softmax_scale=None):
-        """Rank ``rank``'s dq; its dK/dV contributions are added to ``dks[src]``, ``dvs[src]``."""
+    def backward_rank(self, rank: int, douts, qs, kvs, outs, lses, dkvs, kernel: Kernel, softmax_scale: float):
+        """Rank ``rank``'s dq; its dK/dV contributions are added to ``dkvs[src]``."""
         q, P = qs[rank], self.world_size
         dq = torch.zeros(q.shape, dtype=accumulate_dtype(q.dtype), device=q.device)
         calls = self.plans[rank].device_calls(q.device)
         for step in range(self.num_steps):
             src = (rank - step) % P
-            grads = backward_step(douts[rank], q, ks[src], vs[src], outs[rank], lses[rank], calls[step],
-                                  dq, kernel, softmax_scale)
+            grads = backward_step(douts[rank], q, kvs[src], outs[rank], lses[rank], calls[step], dq,
+                                  kernel, softmax_scale)
             if grads is not None:
-                dks[src] += grads[0]
-                dvs[src] += grads[1]
+                dkvs[src] += grads
         return dq.to(q.dtype)
 
-    def attention(self, qs, ks, vs, *, softmax_scale=None, backend=None) -> list[torch.Tensor]:
+    def attention(self, qs, ks, vs, *, softmax_scale: float | None = None,
+                  backend: str | Kernel | None = None) -> list[torch.Tensor]:
         """Every rank's ring attention output, differentiable with respect to all inputs."""
         if not len(qs) == len(ks) == len(vs) == self.world_size:
             raise ValueError(f"expected {self.world_size} shards of q, k and v, got {len(qs)}, {len(ks)}, {len(vs)}")
         for plan, q, k, v in zip(self.plans, qs, ks, vs):
             check_qkv(q, k, v)
             check_tokens(q, plan.local_tokens, self.world_size)
-        kernel = get_kernel(backend, qs[0].device, qs[0].dtype)
+        kernel = get_kernel(backend, qs[0].device, qs[0].dtype, qs[0].shape[-1])
+        prepare(qs[0].device)
+        scale = resolve_scale(softmax_scale, qs[0].shape[-1])
         tensors = [t.contiguous() for t in (*qs, *ks, *vs)]
-        return list(_InProcessFunction.apply(self, kernel, softmax_scale, *tensors))
+        return list(_InProcessFunction.apply(self, kernel, scale, *tensors))
 
 
 class _InProcessFunction(torch.autograd.Function):
@@ -92,7 +95,8 @@ class _InProcessFunction(torch.autograd.Function):
     def forward(ctx, ring: InProcessRing, kernel, scale, *tensors):
         P = ring.world_size
         qs, ks, vs = tensors[:P], tensors[P:2 * P], tensors[2 * P:]
-        results = [ring.forward_rank(r, qs, ks, vs, kernel, scale) for r in range(P)]
+        kvs = [torch.stack([k, v]) for k, v in zip(ks, vs)]
+        results = [ring.forward_rank(r, qs, kvs, kernel, scale) for r in range(P)]
         outs = [o for o, _ in results]
         ctx.save_for_backward(*tensors, *outs, *(l for _, l in results))
         ctx.ring, ctx.kernel, ctx.scale = ring, kernel, scale
@@ -104,10 +108,10 @@ class _InProcessFunction(torch.autograd.Function):
         saved = ctx.saved_tensors
         qs, ks, vs, outs, lses = (saved[i * P:(i + 1) * P] for i in range(5))
         douts = [d.contiguous() if d is not None else torch.zeros_like(o) for d, o in zip(douts, outs)]
+        kvs = [torch.stack([k, v]) for k, v in zip(ks, vs)]
         acc = accumulate_dtype(qs[0].dtype)
-        dks = [torch.zeros(k.shape, dtype=acc, device=k.device) for k in ks]
-        dvs = [torch.zeros(v.shape, dtype=acc, device=v.device) for v in vs]
-        dqs = [ring.backward_rank(r, douts, qs, ks, vs, outs, lses, dks, dvs, ctx.kernel, ctx.scale) for r in range(P)]
-        dks = [d.to(k.dtype) for d, k in zip(dks, ks)]
-        dvs = [d.to(v.dtype) for d, v in zip(dvs, vs)]
+        dkvs = [torch.zeros(kv.shape, dtype=acc, device=kv.device) for kv in kvs]
+        dqs = [ring.backward_rank(r, douts, qs, kvs, outs, lses, dkvs, ctx.kernel, ctx.scale) for r in range(P)]
+        dks = [d[0].to(k.dtype) for d, k in zip(dkvs, ks)]
+        dvs = [d[1].to(v.dtype) for d, v in zip(dkvs, vs)]
         return (None, None, None, *dqs, *dks, *dvs)

@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 import torch
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 LAYOUTS = ("contiguous", "zigzag", "striped")
 
@@ -113,6 +116,32 @@ def rank_pieces(bounds: Sequence[int], layout: str, world_size: int, rank: int) 
     return pieces
 
 
+class PieceArrays(NamedTuple):
+    """One piece of every document (and, if ``rank`` is a tensor, of every rank), as int64
+    tensors that broadcast together: the vectorised form of :class:`Piece` used by the planner."""
+
+    start: torch.Tensor
+    length: torch.Tensor
+    local: torch.Tensor
+    stride: int
+
+
+def piece_arrays(starts: torch.Tensor, lengths: torch.Tensor, layout: str, world_size: int,
+                 rank) -> list[PieceArrays]:
+    """The pieces that ``rank`` (an int, or an int64 tensor that broadcasts against the documents)
+    holds of every document given by int64 ``starts`` and ``lengths`` (multiples of what the
+    layout needs; see :func:`check_divisible`). Same positions as :func:`rank_pieces`."""
+    local = starts // world_size  # every document gives length / world_size tokens to every rank
+    if layout == "contiguous" or world_size == 1:
+        n = lengths // world_size
+        return [PieceArrays(starts + rank * n, n, local, 1)]
+    if layout == "striped":
+        return [PieceArrays(starts + rank, lengths // world_size, local, world_size)]
+    n = lengths // (2 * world_size)
+    return [PieceArrays(starts + rank * n, n, local, 1),
+            PieceArrays(starts + (2 * world_size - 1 - rank) * n, n, local + n, 1)]
+
+
 def local_indices(bounds: Sequence[int], layout: str, world_size: int, rank: int) -> torch.Tensor:
     """Global positions of ``rank``'s tokens, in local-buffer order (int64)."""
     parts = [
@@ -140,7 +169,7 @@ def pad_for_layout(
     cu_seqlens=None,
     *,
     world_size: int | None = None,
-    group=None,
+    group: ProcessGroup | None = None,
     layout: str = "zigzag",
     dim: int = 0,
     value: float = 0,
@@ -152,7 +181,7 @@ def pad_for_layout(
         cu_seqlens (`torch.Tensor`, *optional*): int32 global document boundaries; None means
             one document.
         world_size (`int`, *optional*): number of ranks; defaults to the size of ``group``.
-        group (`ProcessGroup`, *optional*): the sequence-parallel group (default group if None).
+        group (`ProcessGroup`, *optional*): the context-parallel group (default group if None).
         layout (`str`): ``"zigzag"``, ``"contiguous"`` or ``"striped"``.
         dim (`int`): the token dimension of ``x``.
         value (`float`): fill value of the padding tokens.

@@ -4,13 +4,13 @@ At ring step ``s`` rank ``r`` holds the K/V block of rank ``src = (r - s) mod P`
 document, the queries of ``r`` and the keys of ``src`` are a few pieces (see ``layout.py``);
 between two pieces the true mask is always a *band* in local-buffer coordinates::
 
-    row a sees column b   iff   d_lo <= a - b <= d_hi          (None = unbounded)
+    row a sees column b   iff   d_lo <= a - b <= d_hi          (unbounded sides: +-INF)
 
 because a piece is an arithmetic progression of global positions with the layout's stride. Bands
-of neighbouring pieces often agree (zigzag step 0 is one causal band over both chunks), so pieces
-are merged into as few rectangles as possible, each cropped to the rows and columns it really
-uses (no row of a kernel call ever sees zero keys) and turned into a flash-attention window,
-whose causal diagonal is aligned bottom-right::
+of neighbouring pieces often agree (zigzag step 0 is one causal band over both chunks), so the
+cells of a document (query piece x key piece) are merged into as few rectangles as possible, each
+cropped to the rows and columns it really uses (no row of a kernel call ever sees zero keys) and
+turned into a flash-attention window, whose causal diagonal is aligned bottom-right::
 
     Lq=3, Lk=5, causal (window (-1, 0))        query i sees key j iff
         k k k . .                              j - i - (Lk - Lq) in [-left, right]
@@ -18,22 +18,30 @@ whose causal diagonal is aligned bottom-right::
         k k k k k
 
 Rectangles that share a window become one varlen kernel call. The plan is integer work done once
-per batch on the host and reused by every layer and by the backward pass.
+per batch on the host, vectorised over documents and steps (a few hundred tensor operations per
+rank, whatever the number of documents), and reused by every layer and by the backward pass.
+
+flash-attn 2 (the package, and PyTorch's copy of it) rewrites windows against ``max_seqlen_k``:
+a side >= ``max_seqlen_k`` becomes unbounded, and an unbounded side next to a bounded one becomes
+``max_seqlen_k``. A cropped rectangle keeps a bounded right side only if it binds, i.e. right <
+Lq - 1, and a bounded left side only if left < Lk - 1; so reporting ``max_seqlen_k >= max(Lq, Lk)``
+makes both rewrites exact. Reporting the true ``max(Lk)`` is wrong whenever Lq > Lk + 1.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from itertools import product
-from typing import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
 
 import torch
 
-from .layout import Piece, as_boundaries, check_layout, rank_pieces
+from .kernels.contract import Varlen
+from .layout import PieceArrays, as_boundaries, check_divisible, check_layout, piece_arrays
+
+INF = 1 << 40  # an unbounded side of a band (plain int64 arithmetic stays exact far beyond it)
 
 
-@dataclass(frozen=True)
-class Segment:
+class Segment(NamedTuple):
     """One sequence of a varlen kernel call: local rows [q0, q1) of the query rank against local
     rows [k0, k1) of the key block, with a bottom-right aligned window (left, right)."""
 
@@ -45,169 +53,286 @@ class Segment:
     right: int
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class Call:
-    """One varlen kernel call of a ring step (host description)."""
+    """One varlen kernel call of a ring step, on the host: sequence i pairs the query rows
+    ``[q0[i], q1[i])`` with the key rows ``[k0[i], k1[i])`` (int64 tensors, rows sorted and
+    disjoint on the query side), all with the bottom-right aligned window ``(left, right)``."""
 
+    q0: torch.Tensor
+    q1: torch.Tensor
+    k0: torch.Tensor
+    k1: torch.Tensor
     left: int
     right: int
-    segments: list[Segment] = field(default_factory=list)
 
     @property
     def causal(self) -> bool:
         return self.left == -1 and self.right == 0
 
-    def rows(self, which: str) -> slice | torch.Tensor:
-        """Rows used from the query (``"q"``) or key (``"k"``) buffer: a slice when they are one
-        contiguous run, else an int64 index tensor."""
-        spans = [(s.q0, s.q1) if which == "q" else (s.k0, s.k1) for s in self.segments]
-        if all(a == prev_b for (a, _), (_, prev_b) in zip(spans[1:], spans)):
-            return slice(spans[0][0], spans[-1][1])
-        return torch.cat([torch.arange(a, b) for a, b in spans])
+    @property
+    def window(self) -> tuple[int, int]:
+        return self.left, self.right
 
-    def cu_seqlens(self, which: str) -> list[int]:
-        out = [0]
-        for s in self.segments:
-            out.append(out[-1] + ((s.q1 - s.q0) if which == "q" else (s.k1 - s.k0)))
-        return out
+    @property
+    def segments(self) -> list[Segment]:
+        rows = torch.stack([self.q0, self.q1, self.k0, self.k1], 1).tolist()
+        return [Segment(*r, self.left, self.right) for r in rows]
+
+    def __len__(self) -> int:
+        return len(self.q0)
+
+    @property
+    def max_seqlen_q(self) -> int:
+        return int((self.q1 - self.q0).max())
+
+    @property
+    def max_seqlen_k(self) -> int:
+        """An upper bound of the key lengths that is at least ``max_seqlen_q``: flash-attn 2's
+        window rewrites are then exact (module docstring)."""
+        return max(int((self.k1 - self.k0).max()), self.max_seqlen_q)
 
 
-@dataclass
+@dataclass(frozen=True)
+class Rows:
+    """Rows ``[start, stop)`` of a buffer, or, when ``index`` is set, the rows it lists (int32, on
+    the compute device; ``start`` and ``stop`` then span them)."""
+
+    start: int
+    stop: int
+    index: torch.Tensor | None = None
+
+    @property
+    def contiguous(self) -> bool:
+        return self.index is None
+
+    def __len__(self) -> int:
+        return self.stop - self.start if self.index is None else len(self.index)
+
+
+@dataclass(frozen=True)
 class DeviceCall:
-    """A :class:`Call` with its index and boundary tensors on the compute device."""
+    """A :class:`Call` ready to run: the rows it reads and its varlen arguments on the device."""
 
-    q_rows: slice | torch.Tensor
-    k_rows: slice | torch.Tensor
-    cu_seqlens_q: torch.Tensor
-    cu_seqlens_k: torch.Tensor
-    max_seqlen_q: int
-    max_seqlen_k: int
-    causal: bool
-    window: tuple[int, int]
+    q_rows: Rows
+    k_rows: Rows
+    varlen: Varlen
 
-
-# ----------------------------------------------------------------------------------- bands
-def _ceil_div(a: int, b: int) -> int:
-    return -((-a) // b)
+    @property
+    def causal(self) -> bool:
+        return self.varlen.causal
 
 
-def _piece_band(qp: Piece, kp: Piece, causal: bool, window: int | None):
-    """Band (d_lo, d_hi) on a - b (local-buffer rows) equivalent to the global mask.
+# ------------------------------------------------------------------------------ integer helpers
+def _ceil_div(a, b: int):
+    return a if b == 1 else -((-a) // b)
 
-    Global mask on delta = i - j: causal -> delta >= 0; causal window w -> delta <= w - 1;
-    non-causal window w -> |delta| <= w - 1. With i = qp.start + st*(a - qp.local_start) and
-    j = kp.start + st*(b - kp.local_start): delta = st*e + g where e = (a - b) - shift.
-    """
-    st, g = qp.stride, qp.start - kp.start
-    shift = qp.local_start - kp.local_start
+
+def _floor_div(a, b: int):
+    return a if b == 1 else a // b
+
+
+def _max(a, b):
+    """Elementwise maximum of tensors or ints (at least one a tensor)."""
+    if isinstance(b, int):
+        return a.clamp(min=b)
+    if isinstance(a, int):
+        return b.clamp(min=a)
+    return torch.maximum(a, b)
+
+
+def _min(a, b):
+    if isinstance(b, int):
+        return a.clamp(max=b)
+    if isinstance(a, int):
+        return b.clamp(max=a)
+    return torch.minimum(a, b)
+
+
+class _Docs(NamedTuple):
+    start: torch.Tensor  # [D] global start of each document
+    length: torch.Tensor  # [D]
+    used: torch.Tensor  # [D] real tokens (a prefix of the document)
+
+
+class _Cell(NamedTuple):
+    """A query piece against a key piece, for every (step, document): the rectangle of real rows,
+    whether both pieces have real rows, the band, and the interval of a - b that is visible."""
+
+    q0: torch.Tensor
+    q1: torch.Tensor
+    k0: torch.Tensor
+    k1: torch.Tensor
+    nonempty: torch.Tensor
+    lo: torch.Tensor  # visible interval of a - b (only meaningful where visible)
+    hi: torch.Tensor
+    visible: torch.Tensor
+
+
+def _real(p: PieceArrays, docs: _Docs) -> torch.Tensor:
+    """Real (non-padding) rows of a piece: a prefix of it, since padding ends the document."""
+    return (_ceil_div(docs.used - (p.start - docs.start), p.stride)).clamp(min=0).minimum(p.length)
+
+
+def _cell(qp: PieceArrays, qn, kp: PieceArrays, kn, causal: bool, window: int | None) -> _Cell:
+    """The band of ``qp`` x ``kp``: global mask on delta = i - j (causal: delta >= 0; window w:
+    delta <= w - 1, and delta >= -(w - 1) if not causal). With i = qp.start + st*(a - qp.local)
+    and j = kp.start + st*(b - kp.local): delta = st*e + g, e = (a - b) - shift."""
+    st, g, shift = qp.stride, qp.start - kp.start, qp.local - kp.local
     lo_delta = 0 if causal else (None if window is None else -(window - 1))
     hi_delta = None if window is None else window - 1
-    d_lo = None if lo_delta is None else _ceil_div(lo_delta - g, st) + shift
-    d_hi = None if hi_delta is None else (hi_delta - g) // st + shift
-    return d_lo, d_hi
+    d_lo = -INF if lo_delta is None else _ceil_div(lo_delta - g, st) + shift
+    d_hi = INF if hi_delta is None else _floor_div(hi_delta - g, st) + shift
+    q0, k0 = qp.local, kp.local
+    q1, k1 = q0 + qn, k0 + kn
+    nonempty = (qn > 0) & (kn > 0)
+    lo = _max(q0 - (k1 - 1), d_lo)
+    hi = _min((q1 - 1) - k0, d_hi)
+    return _Cell(q0, q1, k0, k1, nonempty, lo, hi, nonempty & (lo <= hi))
 
 
-def _visible(rect, band):
-    """The intersection of the band with the range of a - b over rect, or None if empty."""
-    q0, q1, k0, k1 = rect
-    lo, hi = q0 - (k1 - 1), (q1 - 1) - k0
-    if band[0] is not None:
-        lo = max(lo, band[0])
-    if band[1] is not None:
-        hi = min(hi, band[1])
-    return (lo, hi) if lo <= hi else None
+class _Group(NamedTuple):
+    """The merge of a group of cells into one rectangle: possible or not, and its segment."""
+
+    ok: torch.Tensor
+    exists: torch.Tensor
+    seg: tuple  # q0, q1, k0, k1, left, right
 
 
-def _crop(rect, band):
-    """Shrink rect to the rows and columns that see / are seen by something (None if empty)."""
-    q0, q1, k0, k1 = rect
-    d_lo, d_hi = band
-    if d_lo is not None and d_hi is not None and d_lo > d_hi:
-        return None
-    r0 = q0 if d_lo is None else max(q0, k0 + d_lo)
-    r1 = q1 - 1 if d_hi is None else min(q1 - 1, k1 - 1 + d_hi)
-    c0 = k0 if d_hi is None else max(k0, q0 - d_hi)
-    c1 = k1 - 1 if d_lo is None else min(k1 - 1, q1 - 1 - d_lo)
-    if r0 > r1 or c0 > c1:
-        return None
-    return r0, r1 + 1, c0, c1 + 1
+def _adjacent(ranges) -> torch.Tensor:
+    """Whether the non-empty ranges [start, stop) of consecutive pieces follow each other."""
+    ok = torch.tensor(True)
+    for (a0, a1), (b0, b1) in zip(ranges, ranges[1:]):
+        ok = ok & (~((a1 > a0) & (b1 > b0)) | (a1 == b0))
+    return ok
 
 
-def _segment(rect, band) -> Segment | None:
-    rect = _crop(rect, band)
-    if rect is None:
-        return None
-    q0, q1, k0, k1 = rect
-    d_lo, d_hi = band
-    # bottom-right aligned window: q1 - k1 - right <= a - b <= q1 - k1 + left
-    right = -1 if d_lo is None or q0 - (k1 - 1) >= d_lo else (q1 - k1) - d_lo
-    left = -1 if d_hi is None or (q1 - 1) - k0 <= d_hi else d_hi - (q1 - k1)
-    return Segment(q0, q1, k0, k1, left, right)
+def _bounding(ranges):
+    """[min start, max stop) over the non-empty ranges."""
+    start = stop = None
+    for a, b in ranges:
+        a, b = torch.where(b > a, a, INF), torch.where(b > a, b, -INF)
+        start = a if start is None else torch.minimum(start, a)
+        stop = b if stop is None else torch.maximum(stop, b)
+    return start, stop
 
 
-# ------------------------------------------------------------------------------ one document
-def _real_rows(p: Piece, doc_start: int, used: int) -> tuple[int, int]:
-    """Local rows of the piece that hold real (non-padding) tokens: a prefix of the piece."""
-    n = max(0, min(p.length, _ceil_div(used - (p.start - doc_start), p.stride)))
-    return p.local_start, p.local_start + n
+def _merge(grid: dict, rows: list[int], cols: list[int], q_ranges, k_ranges) -> _Group:
+    """One band rectangle equal to the union of the cells ``grid[i, j]`` (i in rows, j in cols):
+    ``ok`` where a single band describes them over adjacent rows and columns (pieces without real
+    rows do not count), ``exists`` where something is visible, and the cropped segment."""
+    members = [grid[i, j] for i in rows for j in cols]
+    if len(members) == 1:  # one cell: always one rectangle, its band the visible interval
+        (c,) = members
+        return _Group(torch.ones_like(c.visible), c.visible, _segment(c.q0, c.q1, c.k0, c.k1, c.lo, c.hi))
+    ok = _adjacent([q_ranges[i] for i in rows]) & _adjacent([k_ranges[j] for j in cols])
+    ok = ok & torch.ones_like(members[0].visible)
+    band_lo = torch.full_like(members[0].lo, INF)
+    band_hi = torch.full_like(members[0].hi, -INF)
+    for c in members:
+        band_lo = torch.where(c.visible, torch.minimum(band_lo, c.lo), band_lo)
+        band_hi = torch.where(c.visible, torch.maximum(band_hi, c.hi), band_hi)
+    exists = torch.zeros_like(ok)
+    for c in members:
+        exists = exists | c.visible
+        # the merged band must show each cell exactly what its own band shows
+        lo = _max(c.q0 - (c.k1 - 1), band_lo)
+        hi = _min((c.q1 - 1) - c.k0, band_hi)
+        same = ((lo <= hi) == c.visible) & (~c.visible | ((lo == c.lo) & (hi == c.hi)))
+        ok = ok & (~c.nonempty | same)
+    q0, q1 = _bounding([q_ranges[i] for i in rows])
+    k0, k1 = _bounding([k_ranges[j] for j in cols])
+    return _Group(ok, exists, _segment(q0, q1, k0, k1, band_lo, band_hi))
 
 
-def _doc_segments(q_pieces, k_pieces, doc_start, used, causal, window) -> list[Segment]:
-    """Cover the visible part of one document's (query pieces x key pieces) with the fewest
-    band rectangles: the whole grid, one per query piece, one per key piece, or one per pair."""
-    qs = [(p, _real_rows(p, doc_start, used)) for p in q_pieces]
-    ks = [(p, _real_rows(p, doc_start, used)) for p in k_pieces]
-    qs = [(p, r) for p, r in qs if r[1] > r[0]]
-    ks = [(p, r) for p, r in ks if r[1] > r[0]]
-    if not qs or not ks:
-        return []
-    cells = {
-        (i, j): ((qr[0], qr[1], kr[0], kr[1]), _piece_band(qp, kp, causal, window))
-        for (i, (qp, qr)), (j, (kp, kr)) in product(enumerate(qs), enumerate(ks))
-    }
-    nq, nk = len(qs), len(ks)
-    options = [
-        [(range(nq), range(nk))],
-        [(range(i, i + 1), range(nk)) for i in range(nq)],
-        [(range(nq), range(j, j + 1)) for j in range(nk)],
-        [(range(i, i + 1), range(j, j + 1)) for i in range(nq) for j in range(nk)],
+def _segment(q0, q1, k0, k1, d_lo, d_hi):
+    """Crop the rectangle to the rows and columns the band reaches, and express the band as a
+    bottom-right aligned window: q1 - k1 - right <= a - b <= q1 - k1 + left (-1: unbounded)."""
+    r0 = _max(q0, k0 + d_lo)
+    r1 = _min(q1 - 1, k1 - 1 + d_hi) + 1
+    c0 = _max(k0, q0 - d_hi)
+    c1 = _min(k1 - 1, q1 - 1 - d_lo) + 1
+    right = torch.where(r0 - (c1 - 1) >= d_lo, -1, (r1 - c1) - d_lo)
+    left = torch.where((r1 - 1) - c0 <= d_hi, -1, d_hi - (r1 - c1))
+    return r0, r1, c0, c1, left, right
+
+
+def _options(n_q: int, n_k: int) -> list[list[tuple[list[int], list[int]]]]:
+    """Ways to cover an n_q x n_k grid of cells with rectangles, fewest first: the whole grid,
+    one per query piece, one per key piece, one per cell."""
+    whole = [(list(range(n_q)), list(range(n_k)))]
+    if n_q == n_k == 1:
+        return [whole]
+    return [
+        whole,
+        [([i], list(range(n_k))) for i in range(n_q)],
+        [(list(range(n_q)), [j]) for j in range(n_k)],
+        [([i], [j]) for i in range(n_q) for j in range(n_k)],
     ]
-    best = None
+
+
+def _cells(docs: _Docs, layout: str, world_size: int, q_rank, k_rank, causal, window):
+    """Every (query piece, key piece) cell, and the real rows of each piece."""
+    q_pieces = piece_arrays(docs.start, docs.length, layout, world_size, q_rank)
+    k_pieces = piece_arrays(docs.start, docs.length, layout, world_size, k_rank)
+    q_real = [_real(p, docs) for p in q_pieces]
+    k_real = [_real(p, docs) for p in k_pieces]
+    grid = {(i, j): _cell(qp, qn, kp, kn, causal, window)
+            for i, (qp, qn) in enumerate(zip(q_pieces, q_real))
+            for j, (kp, kn) in enumerate(zip(k_pieces, k_real))}
+    q_ranges = [(p.local, p.local + n) for p, n in zip(q_pieces, q_real)]
+    k_ranges = [(p.local, p.local + n) for p, n in zip(k_pieces, k_real)]
+    return grid, q_ranges, k_ranges
+
+
+def _step_segments(docs: _Docs, layout: str, world_size: int, rank: int, causal, window):
+    """Segments of every (step, document) of ``rank``: six tensors ``[S, D, slots]`` (q0, q1, k0,
+    k1, left, right) and where a slot holds a segment; slots sorted by (q0, k0). Of the ways to
+    cover a document's cells (``_options``), the one with the fewest segments wins, the coarser
+    one on ties."""
+    steps = torch.arange(world_size)
+    src = ((rank - steps) % world_size)[:, None]
+    grid, q_ranges, k_ranges = _cells(docs, layout, world_size, rank, src, causal, window)
+    options = _options(len(q_ranges), len(k_ranges))
+    slots = max(len(o) for o in options)
+    best_count = best_fields = best_exists = None
     for option in options:
-        segs = []
-        for rows, cols in option:
-            merged = _merge_cells([[cells[i, j] for j in cols] for i in rows])
-            if merged is False:
-                break
-            if merged is not None:
-                segs.append(merged)
-        else:
-            if best is None or len(segs) < len(best):
-                best = segs
-    return best
+        groups = [_merge(grid, rows, cols, q_ranges, k_ranges) for rows, cols in option]
+        ok = torch.stack([g.ok for g in groups]).all(0)
+        count = torch.where(ok, torch.stack([g.exists for g in groups]).sum(0), INF)
+        empty = [torch.zeros_like(count)] * (slots - len(groups))
+        fields = [torch.stack([g.seg[f].expand_as(count) for g in groups] + empty, -1) for f in range(6)]
+        exists = torch.stack([g.exists for g in groups] + [e.bool() for e in empty], -1)
+        if best_count is None:
+            best_count, best_fields, best_exists = count, fields, exists
+            continue
+        better = count < best_count
+        best_count = torch.where(better, count, best_count)
+        best_fields = [torch.where(better[..., None], f, b) for f, b in zip(fields, best_fields)]
+        best_exists = torch.where(better[..., None], exists, best_exists)
+    # sort the slots of each document by (q0, k0), empty ones last
+    local_rows = int(docs.length.sum()) // world_size + 1
+    key = torch.where(best_exists, best_fields[0] * local_rows + best_fields[2], torch.iinfo(torch.long).max)
+    order = key.argsort(dim=-1, stable=True)
+    return [f.gather(-1, order) for f in best_fields], best_exists.gather(-1, order)
 
 
-def _merge_cells(grid):
-    """One band rectangle equal to the union of the cells' masks; None if nothing is visible,
-    False if no single band describes them (or their rows are not contiguous)."""
-    if len(grid) == 1 and len(grid[0]) == 1:
-        return _segment(*grid[0][0])
-    rows = [row[0][0][:2] for row in grid]
-    cols = [cell[0][2:] for cell in grid[0]]
-    if any(a[1] != b[0] for a, b in zip(rows, rows[1:])) or any(
-        a[1] != b[0] for a, b in zip(cols, cols[1:])
-    ):
-        return False
-    seen = [v for row in grid for rect, band in row if (v := _visible(rect, band))]
-    if not seen:
-        return None
-    band = (min(lo for lo, _ in seen), max(hi for _, hi in seen))
-    if any(_visible(rect, band) != _visible(rect, b) for row in grid for rect, b in row):
-        return False
-    return _segment((rows[0][0], rows[-1][1], cols[0][0], cols[-1][1]), band)
+def _colors(fields, exists) -> torch.Tensor:
+    """Which call of its window each segment joins: the first (in order of creation) none of
+    whose segments shares a query row with it, taking segments in (q0, k0) order. Query rows of
+    different documents never overlap, so this is decided per document."""
+    q0, q1, _, _, left, right = fields
+    slots = exists.shape[-1]
+    color = torch.zeros_like(q0)
+    for t in range(1, slots):
+        # earlier segments of this document with the same window whose rows reach into slot t
+        conflict = (exists[..., :t] & (left[..., :t] == left[..., t:t + 1]) & (right[..., :t] == right[..., t:t + 1])
+                    & (q1[..., :t] > q0[..., t:t + 1]))
+        taken = (conflict[..., None] & (color[..., :t, None] == torch.arange(slots))).any(-2)
+        color[..., t] = (~taken).to(torch.int8).argmax(-1)  # the first free call
+    return torch.where(exists, color, -1)
 
 
-# --------------------------------------------------------------------------------- the plan
 def plan_rank(
     bounds: Sequence[int],
     seqused: Sequence[int] | None,
@@ -219,46 +344,80 @@ def plan_rank(
 ) -> list[list[Call]]:
     """Kernel calls of every ring step for one rank: ``steps[s]`` pairs ``rank``'s queries with
     the K/V block of rank ``(rank - s) % world_size``."""
-    used = [b - a for a, b in zip(bounds, bounds[1:])] if seqused is None else list(seqused)
-    q_docs = rank_pieces(bounds, layout, world_size, rank)
-    steps = []
-    for step in range(world_size):
-        k_docs = rank_pieces(bounds, layout, world_size, (rank - step) % world_size)
-        segments = []
-        for start, n, q_pieces, k_pieces in zip(bounds, used, q_docs, k_docs):
-            segments += _doc_segments(q_pieces, k_pieces, start, n, causal, window)
-        steps.append(_group(segments))
+    check_divisible(bounds, layout, world_size)
+    docs = _docs(bounds, seqused)
+    fields, exists = _step_segments(docs, layout, world_size, rank, causal, window)
+    color = _colors(fields, exists)
+    # one key per (step, window, color) = per call; calls of a step in order of first segment
+    keep = exists.flatten()
+    q0, q1, k0, k1, left, right = (f.flatten()[keep] for f in fields)
+    step = torch.arange(world_size).repeat_interleave(exists[0].numel())[keep]
+    span = int(docs.length.sum()) // world_size + 2  # windows lie in [-1, local rows]
+    slots = exists.shape[-1]
+    key = ((step * span + left + 1) * span + right + 1) * slots + color.flatten()[keep]
+    unique, inverse = torch.unique(key, return_inverse=True)
+    position = torch.arange(len(key))
+    first = torch.full((len(unique),), len(key)).scatter_reduce(0, inverse, position, "amin")
+    rank_of_call = torch.empty_like(first)
+    rank_of_call[first.argsort()] = torch.arange(len(first))
+    order = (rank_of_call[inverse] * len(key) + position).argsort()
+    counts = torch.bincount(rank_of_call[inverse], minlength=len(unique)).tolist()
+    call_step = step[first.sort().values].tolist()
+    call_window = torch.stack([left, right], 1)[first.sort().values].tolist()
+    pieces = [t[order].split(counts) for t in (q0, q1, k0, k1)]
+    steps: list[list[Call]] = [[] for _ in range(world_size)]
+    for c, (s, (l, r)) in enumerate(zip(call_step, call_window)):
+        steps[s].append(Call(pieces[0][c], pieces[1][c], pieces[2][c], pieces[3][c], l, r))
     return steps
 
 
-def _group(segments: list[Segment]) -> list[Call]:
-    """Segments that share a window share a kernel call, unless their query rows overlap (each
-    call's output rows are merged at once, so a row may appear only once per call)."""
-    calls: list[Call] = []
-    for seg in sorted(segments, key=lambda s: (s.q0, s.k0)):
-        for call in calls:
-            if (call.left, call.right) == (seg.left, seg.right) and call.segments[-1].q1 <= seg.q0:
-                call.segments.append(seg)
-                break
-        else:
-            calls.append(Call(seg.left, seg.right, [seg]))
-    return calls
+def _docs(bounds: Sequence[int], seqused: Sequence[int] | None) -> _Docs:
+    b = torch.tensor(bounds, dtype=torch.long)
+    length = b[1:] - b[:-1]
+    used = length if seqused is None else torch.tensor(seqused, dtype=torch.long)
+    return _Docs(b[:-1], length, used)
+
+
+def count_steps(bounds, seqused, layout: str, world_size: int, causal: bool, window: int | None) -> int:
+    """Steps the ring must run: 1 + the last step at which *any* rank has work (every rank must
+    agree). Without a window and without padding every step is needed as soon as P > 1."""
+    if world_size == 1:
+        return 1
+    if window is None and seqused is None:
+        return world_size
+    docs = _docs(bounds, seqused)
+    ranks = torch.arange(world_size)[:, None, None]
+
+    def work(steps: torch.Tensor) -> torch.Tensor:
+        """[len(steps)] bool: does any rank have a visible pair at these steps."""
+        grid, _, _ = _cells(docs, layout, world_size, ranks, (ranks - steps[None, :, None]) % world_size, causal, window)
+        shape = (world_size, len(steps), len(docs.start))
+        return torch.stack([c.visible.expand(shape) for c in grid.values()]).any(0).any(-1).any(0)
+
+    if work(torch.tensor([world_size - 1])).any():  # the common case: the last step has work
+        return world_size
+    busy = work(torch.arange(world_size - 1)).nonzero().flatten()
+    return int(busy.max()) + 1 if len(busy) else 1
 
 
 class RingPlan:
     """Everything the ring needs to know about one batch's mask, computed once and reused by
     every layer and by the backward pass.
 
+    Build it before the forward (``shard_batch`` does) and call :meth:`upload` there too: its
+    index and boundary tensors then reach the device in one non-blocking copy while the host
+    moves on, and no layer waits for planning.
+
     Args:
-        cu_seqlens (`torch.Tensor`, *optional*): int32 global (unsharded) document boundaries,
-            identical on every rank. None means one document of ``total`` tokens.
-        world_size (`int`): ranks in the sequence-parallel group.
+        cu_seqlens (`torch.Tensor` or `list[int]`, *optional*): int32 global (unsharded) document
+            boundaries, identical on every rank. None means one document of ``total`` tokens.
+        world_size (`int`): ranks in the context-parallel group.
         rank (`int`): this rank in the group.
         layout (`str`): ``"zigzag"`` (default), ``"contiguous"`` or ``"striped"``.
         causal (`bool`): causal attention (query i sees keys j <= i of its document).
         window_size (`int`, *optional*): transformers sliding window: query i sees key j iff
             ``i - window_size < j <= i`` (non-causal: ``|i - j| < window_size``).
-        seqused (`torch.Tensor`, *optional*): int32 real tokens per document (see
+        seqused (`torch.Tensor` or `list[int]`, *optional*): int32 real tokens per document (see
             :func:`pad_for_layout`); the rest of each document is padding that neither attends
             nor is attended to. None: no padding.
         total (`int`, *optional*): total tokens, needed only when ``cu_seqlens`` is None.
@@ -289,8 +448,9 @@ class RingPlan:
         self.world_size, self.rank, self.layout = world_size, rank, layout
         self.causal, self.window_size = causal, window_size
         self.steps = plan_rank(self.bounds, self.seqused, layout, world_size, rank, causal, window_size)
-        self.num_steps = self._count_steps()
+        self.num_steps = count_steps(self.bounds, self.seqused, layout, world_size, causal, window_size)
         self._on_device: dict[torch.device, list[list[DeviceCall]]] = {}
+        self._host_buffers: list[torch.Tensor] = []  # pinned sources of copies that may be in flight
 
     @property
     def total(self) -> int:
@@ -312,48 +472,85 @@ class RingPlan:
             )
         return used
 
-    def _count_steps(self) -> int:
-        """Steps the ring must run: 1 + the last step at which *any* rank has work. Every rank
-        must agree, so with a sliding window (where late steps are often empty) it plans the
-        other ranks too; otherwise every step is needed as soon as one rank can see another."""
-        if self.world_size == 1:
-            return 1
-        if self.window_size is None and self.seqused is None:
-            return self.world_size
-        last = 0
-        for r in range(self.world_size):
-            steps = self.steps if r == self.rank else plan_rank(
-                self.bounds, self.seqused, self.layout, self.world_size, r, self.causal,
-                self.window_size,
-            )
-            last = max([last] + [s for s, calls in enumerate(steps) if calls])
-        return last + 1
+    def upload(self, device, *, non_blocking: bool = True) -> "RingPlan":
+        """Put the row indices and ``cu_seqlens`` of every call on ``device`` (once per device).
 
-    def device_calls(self, device: torch.device) -> list[list[DeviceCall]]:
-        """The calls of every step with their index tensors on ``device`` (cached)."""
+        Everything travels as one int32 tensor, from pinned memory when ``device`` is a CUDA
+        device, with one ``copy(non_blocking=...)``: on CUDA the copy runs on the current stream
+        while the host continues, and later kernels on that stream see it finished. Call it right
+        after building the plan, before the forward; :meth:`device_calls` calls it on first use.
+
+        Args:
+            device (`torch.device`): the compute device.
+            non_blocking (`bool`): asynchronous copy (default True).
+
+        Returns:
+            `RingPlan`: ``self``, for chaining.
+        """
         device = torch.device(device)
-        if device not in self._on_device:
-            self._on_device[device] = [
-                [_to_device(call, device) for call in calls] for calls in self.steps
-            ]
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device in self._on_device:
+            return self
+        chunks: list[torch.Tensor] = []
+        size = 0
+
+        def put(values: torch.Tensor) -> tuple[int, int]:
+            """Append ``values`` to the buffer; returns where they will be in it."""
+            nonlocal size
+            chunks.append(values)
+            size += len(values)
+            return size - len(values), size
+
+        def rows(start: torch.Tensor, stop: torch.Tensor):
+            if bool((start[1:] == stop[:-1]).all()):
+                return int(start[0]), int(stop[-1]), None
+            return int(start.min()), int(stop.max()), put(_ranges(start, stop))
+
+        specs = [
+            [(call, put(_cumsum(call.q1 - call.q0)), put(_cumsum(call.k1 - call.k0)),
+              rows(call.q0, call.q1), rows(call.k0, call.k1)) for call in calls]
+            for calls in self.steps[: self.num_steps]
+        ]
+        pin = device.type == "cuda" and torch.cuda.is_available()
+        host = torch.empty(size, dtype=torch.int32, pin_memory=pin)
+        if chunks:
+            host.copy_(torch.cat(chunks))
+        buffer = host.to(device, non_blocking=non_blocking and pin)
+        if pin:
+            self._host_buffers.append(host)  # must outlive the asynchronous copy
+
+        def on_device(span) -> torch.Tensor:
+            return buffer[span[0]:span[1]]
+
+        def as_rows(spec) -> Rows:
+            start, stop, index = spec
+            return Rows(start, stop, None if index is None else on_device(index))
+
+        self._on_device[device] = [
+            [DeviceCall(as_rows(q_rows), as_rows(k_rows),
+                        Varlen(on_device(cu_q), on_device(cu_k), call.max_seqlen_q, call.max_seqlen_k, call.window))
+             for call, cu_q, cu_k, q_rows, k_rows in step]
+            for step in specs
+        ]
+        return self
+
+    def device_calls(self, device) -> list[list[DeviceCall]]:
+        """The calls of the first ``num_steps`` steps, ready to run on ``device``
+        (uploaded on first use; see :meth:`upload`)."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.upload(device)
         return self._on_device[device]
 
 
-def _to_device(call: Call, device) -> DeviceCall:
-    def rows(which):
-        r = call.rows(which)
-        return r if isinstance(r, slice) else r.to(device)
+def _cumsum(lengths: torch.Tensor) -> torch.Tensor:
+    return torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
 
-    def cu(which):
-        return torch.tensor(call.cu_seqlens(which), dtype=torch.int32, device=device)
 
-    return DeviceCall(
-        q_rows=rows("q"),
-        k_rows=rows("k"),
-        cu_seqlens_q=cu("q"),
-        cu_seqlens_k=cu("k"),
-        max_seqlen_q=max(s.q1 - s.q0 for s in call.segments),
-        max_seqlen_k=max(s.k1 - s.k0 for s in call.segments),
-        causal=call.causal,
-        window=(call.left, call.right),
-    )
+def _ranges(start: torch.Tensor, stop: torch.Tensor) -> torch.Tensor:
+    """Concatenation of arange(start[i], stop[i])."""
+    lengths = stop - start
+    offsets = torch.repeat_interleave(start - _cumsum(lengths)[:-1], lengths)
+    return torch.arange(int(lengths.sum())) + offsets

@@ -18,82 +18,64 @@ the last hop sends them straight back to their owner.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 
 from .distributed import group_rank, group_size
-from .kernels import get_kernel
-from .kernels.reference import accumulate_dtype
-from .plan import DeviceCall, RingPlan
+from .kernels import Kernel, accumulate_dtype, get_kernel, resolve_scale
+from .merge import merge_, prepare
+from .plan import DeviceCall, RingPlan, Rows
 from .transport import RingComm
 
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
 NEG_INF = float("-inf")
-GRAD_TAG = 2  # dK/dV messages use tags 2, 3; K/V use 0, 1
+KV_TAG, GRAD_TAG = 0, 1  # gloo matches messages by tag: K/V blocks and dK/dV blocks never mix
 
 
-def _take(x: torch.Tensor, rows, dim: int = 0) -> torch.Tensor:
-    if isinstance(rows, slice):
-        return x[rows] if dim == 0 else x[:, rows]
-    return x.index_select(dim, rows)
+def _take(x: torch.Tensor, rows: Rows, dim: int = 0) -> torch.Tensor:
+    """The rows ``rows`` of ``x`` along ``dim``: a view for a range, a gather for an index."""
+    if rows.index is None:
+        return x.narrow(dim, rows.start, rows.stop - rows.start)
+    return x.index_select(dim, rows.index)
 
 
-def _add_rows_(acc: torch.Tensor, rows, value: torch.Tensor) -> None:
-    if isinstance(rows, slice):
-        acc[rows] += value
+def _add_rows_(acc: torch.Tensor, rows: Rows, value: torch.Tensor) -> None:
+    if rows.index is None:
+        acc[rows.start:rows.stop] += value
     else:
-        acc.index_add_(0, rows, value.to(acc.dtype))
+        acc.index_add_(0, rows.index, value.to(acc.dtype))
 
 
-def merge_(out_THD: torch.Tensor, lse_HT: torch.Tensor, rows, block_out: torch.Tensor, block_lse: torch.Tensor) -> None:
-    """Merge one block's partial attention into the running result, in place, in the dtype of
-    ``out_THD`` (float32): rows ``rows`` of (out, lse) become the attention over both key sets.
-
-    Rows with lse = -inf (no key seen yet, or none in this block) get weight 0 instead of NaN.
-    """
-    old_out, old_lse = _take(out_THD, rows), _take(lse_HT, rows, dim=1)
-    # naive: lse = log(exp(a) + exp(b)); out = exp(a - lse) * out_a + exp(b - lse) * out_b
-    lse = torch.logaddexp(old_lse, block_lse)
-    safe = lse.masked_fill(lse == NEG_INF, 0.0)
-    w_old = torch.exp(old_lse - safe).transpose(0, 1).unsqueeze(-1)
-    w_new = torch.exp(block_lse - safe).transpose(0, 1).unsqueeze(-1)
-    out = old_out * w_old + block_out.to(out_THD.dtype) * w_new
-    if isinstance(rows, slice):
-        old_out.copy_(out)
-        old_lse.copy_(lse)
-    else:
-        out_THD.index_copy_(0, rows, out)
-        lse_HT.index_copy_(1, rows, lse)
-
-
-def forward_step(q, k, v, calls: list[DeviceCall], out_THD, lse_HT, kernel: ModuleType, scale) -> None:
-    """Attend ``q`` to one K/V block, merging every kernel call of the step into (out, lse)."""
+def forward_step(q: torch.Tensor, kv: torch.Tensor, calls: list[DeviceCall], out_THD: torch.Tensor,
+                 lse_HT: torch.Tensor, kernel: Kernel, scale: float) -> None:
+    """Attend ``q`` to one K/V block ``kv [2, T, Hkv, D]``, merging every kernel call of the step
+    into the running (out, lse)."""
     for c in calls:
-        block_out, block_lse = kernel.forward(
-            _take(q, c.q_rows), _take(k, c.k_rows), _take(v, c.k_rows), c.cu_seqlens_q,
-            c.cu_seqlens_k, c.max_seqlen_q, c.max_seqlen_k, c.causal, c.window, scale,
-        )
+        k, v = _take(kv, c.k_rows, dim=1).unbind(0)
+        block_out, block_lse = kernel.forward(_take(q, c.q_rows), k, v, c.varlen, scale)
         merge_(out_THD, lse_HT, c.q_rows, block_out, block_lse)
 
 
-def backward_step(dout, q, k, v, out, lse_HT, calls: list[DeviceCall], dq_THD, kernel: ModuleType, scale):
-    """Gradients for one K/V block: adds into ``dq_THD`` and returns this rank's (dk, dv) for
-    the block in the accumulation dtype (None when the step has no call)."""
+def backward_step(dout, q, kv, out, lse_HT, calls: list[DeviceCall], dq_THD, kernel: Kernel, scale: float):
+    """Gradients for one K/V block: adds into ``dq_THD`` and returns this rank's dK/dV for the
+    block as one ``[2, T, Hkv, D]`` buffer in the accumulation dtype (None when the step has no
+    call)."""
     if not calls:
         return None
-    acc = dq_THD.dtype
-    dk = torch.zeros(k.shape, dtype=acc, device=k.device)
-    dv = torch.zeros(v.shape, dtype=acc, device=v.device)
+    dkv = torch.zeros(kv.shape, dtype=dq_THD.dtype, device=kv.device)
     for c in calls:
+        k, v = _take(kv, c.k_rows, dim=1).unbind(0)
         dq_c, dk_c, dv_c = kernel.backward(
-            _take(dout, c.q_rows), _take(q, c.q_rows), _take(k, c.k_rows), _take(v, c.k_rows),
-            _take(out, c.q_rows), _take(lse_HT, c.q_rows, dim=1).contiguous(), c.cu_seqlens_q,
-            c.cu_seqlens_k, c.max_seqlen_q, c.max_seqlen_k, c.causal, c.window, scale,
+            _take(dout, c.q_rows), _take(q, c.q_rows), k, v, _take(out, c.q_rows),
+            _take(lse_HT, c.q_rows, dim=1).contiguous(), c.varlen, scale,
         )
         _add_rows_(dq_THD, c.q_rows, dq_c)
-        _add_rows_(dk, c.k_rows, dk_c)
-        _add_rows_(dv, c.k_rows, dv_c)
-    return dk, dv
+        _add_rows_(dkv[0], c.k_rows, dk_c)
+        _add_rows_(dkv[1], c.k_rows, dv_c)
+    return dkv
 
 
 def new_result(q: torch.Tensor):
@@ -111,42 +93,41 @@ class _Ring:
     calls: list[list[DeviceCall]]
     num_steps: int
     comm: RingComm
-    kernel: ModuleType
-    scale: float | None
+    kernel: Kernel
+    scale: float
 
     def forward(self, q, k, v):
         out, lse = new_result(q)
-        kv = [k, v]
+        kv = torch.stack([k, v])  # one buffer: one message per hop
         for step in range(self.num_steps):
-            incoming = self.comm.shift(kv) if step + 1 < self.num_steps else None
-            forward_step(q, *kv, self.calls[step], out, lse, self.kernel, self.scale)
+            incoming = self.comm.shift(kv, tag=KV_TAG) if step + 1 < self.num_steps else None
+            forward_step(q, kv, self.calls[step], out, lse, self.kernel, self.scale)
             if incoming is not None:
                 kv = incoming.wait()
         return out.to(q.dtype), lse
 
     def backward(self, dout, q, k, v, out, lse):
         dq = torch.zeros(q.shape, dtype=accumulate_dtype(q.dtype), device=q.device)
-        kv, dkv_in, last = [k, v], None, self.num_steps - 1
+        kv, dkv_in, last = torch.stack([k, v]), None, self.num_steps - 1
         rank = self.comm.rank
         for step in range(self.num_steps):
-            kv_in = self.comm.shift(kv) if step < last else None
-            dkv = backward_step(dout, q, *kv, out, lse, self.calls[step], dq, self.kernel, self.scale)
+            kv_in = self.comm.shift(kv, tag=KV_TAG) if step < last else None
+            dkv = backward_step(dout, q, kv, out, lse, self.calls[step], dq, self.kernel, self.scale)
             if dkv is None:
-                dkv = [torch.zeros(t.shape, dtype=dq.dtype, device=t.device) for t in kv]
+                dkv = torch.zeros(kv.shape, dtype=dq.dtype, device=kv.device)
             if dkv_in is not None:
-                for mine, travelled in zip(dkv, dkv_in.wait()):
-                    mine += travelled
+                dkv += dkv_in.wait()
             if last == 0:
                 return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
             # the block of rank (rank - step) moves on; after the last step it goes home
             if step < last:
-                dkv_in = self.comm.shift(list(dkv), tag=GRAD_TAG)
+                dkv_in = self.comm.shift(dkv, tag=GRAD_TAG)
             else:
-                dkv_in = self.comm.exchange(list(dkv), rank - step, rank + step, tag=GRAD_TAG)
+                dkv_in = self.comm.exchange(dkv, rank - step, rank + step, tag=GRAD_TAG)
             if kv_in is not None:
                 kv = kv_in.wait()
-        dk, dv = dkv_in.wait()
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+        dkv = dkv_in.wait()
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
 
 
 class _RingFunction(torch.autograd.Function):
@@ -200,9 +181,12 @@ def _describe(t) -> str:
     return f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
 
 
-def ring_attention_with_plan(q, k, v, plan: RingPlan, *, group=None, softmax_scale=None, backend=None):
+def ring_attention_with_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingPlan, *,
+                             group: ProcessGroup | None = None, softmax_scale: float | None = None,
+                             backend: str | Kernel | None = None) -> torch.Tensor:
     """:func:`ring_attention` with a precomputed :class:`RingPlan` (reuse one plan for every
-    layer of a model: the plan is the only host work of the ring)."""
+    layer of a model: the plan is the only host work of the ring; build and
+    :meth:`~RingPlan.upload` it before the forward)."""
     world_size, rank = group_size(group), group_rank(group)
     if (plan.world_size, plan.rank) != (world_size, rank):
         raise ValueError(
@@ -211,8 +195,11 @@ def ring_attention_with_plan(q, k, v, plan: RingPlan, *, group=None, softmax_sca
         )
     check_qkv(q, k, v)
     check_tokens(q, plan.local_tokens, world_size)
-    kernel = get_kernel(backend, q.device, q.dtype)
-    ring = _Ring(plan.device_calls(q.device), plan.num_steps, RingComm(group, rank, world_size), kernel, softmax_scale)
+    # dtype, device and head_dim decide the kernel, or raise here, before any communication
+    kernel = get_kernel(backend, q.device, q.dtype, q.shape[-1])
+    prepare(q.device)  # the merge's first use on a device compiles and checks it: not mid-ring
+    scale = resolve_scale(softmax_scale, q.shape[-1])
+    ring = _Ring(plan.device_calls(q.device), plan.num_steps, RingComm(group, rank, world_size), kernel, scale)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _RingFunction.apply(q, k, v, ring)
@@ -225,12 +212,12 @@ def ring_attention(
     v: torch.Tensor,
     cu_seqlens: torch.Tensor | None = None,
     *,
-    group=None,
+    group: ProcessGroup | None = None,
     layout: str = "zigzag",
     causal: bool = True,
     window_size: int | None = None,
     softmax_scale: float | None = None,
-    backend: str | None = None,
+    backend: str | Kernel | None = None,
     seqused: torch.Tensor | None = None,
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
@@ -247,7 +234,7 @@ def ring_attention(
         v (`torch.Tensor`): ``[tokens, Hkv, head_dim]``, this rank's values.
         cu_seqlens (`torch.Tensor`, *optional*): int32 global (unsharded) document boundaries,
             identical on every rank; no token attends across them. None: one document.
-        group (`ProcessGroup`, *optional*): the sequence-parallel group; None is the default
+        group (`ProcessGroup`, *optional*): the context-parallel group; None is the default
             group, or a single process when torch.distributed is not initialised.
         layout (`str`): how the sequence was sharded: ``"zigzag"`` (default, balanced for causal
             attention), ``"contiguous"`` or ``"striped"``.
@@ -255,8 +242,11 @@ def ring_attention(
         window_size (`int`, *optional*): transformers sliding window, query i sees key j iff
             ``i - window_size < j <= i`` (symmetric ``|i - j| < window_size`` if not causal).
         softmax_scale (`float`, *optional*): defaults to ``head_dim ** -0.5``.
-        backend (`str`, *optional*): ``"flash_attn"``, ``"torch"`` or ``"cpu"``; default from the
-            ``HF_RING_ATTENTION_BACKEND`` environment variable, else automatic.
+        backend (`str`, *optional*): ``"flash_attn_4"``, ``"flash_attn"``, ``"torch_flash"`` or
+            ``"cpu"`` (see ``hf_ring_attention.kernels``); default from the
+            ``HF_RING_ATTENTION_BACKEND`` environment variable, else the fastest that can run.
+            On CUDA the inputs must then be float16 or bfloat16 with a head_dim that is a
+            multiple of 8 and at most 256; ``"cpu"`` runs anything, anywhere, slowly.
         seqused (`torch.Tensor`, *optional*): int32 real tokens per document, as returned by
             :func:`pad_for_layout`; padding neither attends nor is attended to (its output is 0).
         dropout_p (`float`): must be 0: attention dropout is not supported (an exact backward

@@ -1,30 +1,34 @@
 """Moving K/V blocks (forward) and their gradients (backward) between the ranks of a ring.
 
-The ring loop never touches ``torch.distributed`` itself: it asks :class:`RingComm` to exchange
-a list of tensors with two peers and gets back a handle whose ``wait()`` returns what arrived.
-Posting the exchange before the current block's compute and waiting after it is the whole
-double-buffering scheme.
+The ring loop never touches ``torch.distributed`` itself: it asks :class:`RingComm` to exchange a
+tensor with two peers and gets back a handle whose ``wait()`` returns what arrived. Posting the
+exchange before the current block's compute and waiting after it is the whole double-buffering
+scheme. K and V travel as one ``[2, T, Hkv, D]`` buffer, dK and dV as one float32 buffer: one
+message per hop each way.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.distributed as dist
 
-from .distributed import global_rank
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 
 class Pending:
-    """An exchange in flight. Holds the sent tensors until it completes (NCCL may still read
-    them) and returns the received ones from :meth:`wait`."""
+    """An exchange in flight. Holds the sent tensor until it completes (NCCL may still read it)
+    and returns the received one from :meth:`wait`."""
 
-    def __init__(self, works, sent: list[torch.Tensor], received: list[torch.Tensor]):
+    def __init__(self, works, sent: torch.Tensor, received: torch.Tensor):
         self._works, self._sent, self._received = works, sent, received
 
-    def wait(self) -> list[torch.Tensor]:
+    def wait(self) -> torch.Tensor:
         for work in self._works:
             work.wait()
-        self._works, self._sent = [], []
+        self._works, self._sent = [], None
         return self._received
 
 
@@ -32,29 +36,26 @@ class RingComm:
     """Point-to-point exchanges inside one process group, with ``batch_isend_irecv``.
 
     Args:
-        group (`ProcessGroup`, *optional*): the sequence-parallel group (None: default group).
+        group (`ProcessGroup`, *optional*): the context-parallel group (None: default group).
         rank (`int`): this process's rank in ``group``.
         world_size (`int`): size of ``group``.
     """
 
-    def __init__(self, group, rank: int, world_size: int):
+    def __init__(self, group: ProcessGroup | None, rank: int, world_size: int):
         self.group, self.rank, self.world_size = group, rank, world_size
 
-    def exchange(self, tensors: list[torch.Tensor], send_to: int, recv_from: int, tag: int = 0) -> Pending:
-        """Send ``tensors`` to group rank ``send_to`` and receive tensors of the same shapes and
-        dtypes from group rank ``recv_from``. Tensor i travels with tag ``tag + i`` (gloo matches
-        messages by tag; NCCL by order)."""
-        tensors = [t.contiguous() for t in tensors]
-        received = [torch.empty_like(t) for t in tensors]
-        to, frm = global_rank(self.group, send_to % self.world_size), global_rank(
-            self.group, recv_from % self.world_size
-        )
-        ops = []
-        for tag, (out, into) in enumerate(zip(tensors, received), start=tag):
-            ops.append(dist.P2POp(dist.isend, out, to, self.group, tag))
-            ops.append(dist.P2POp(dist.irecv, into, frm, self.group, tag))
-        return Pending(dist.batch_isend_irecv(ops), tensors, received)
+    def exchange(self, tensor: torch.Tensor, send_to: int, recv_from: int, tag: int = 0) -> Pending:
+        """Send ``tensor`` to group rank ``send_to`` and receive a tensor of the same shape and
+        dtype from group rank ``recv_from`` (ranks are taken modulo the group size). Messages
+        are matched by ``tag`` (gloo) or by order (NCCL)."""
+        tensor = tensor.contiguous()
+        received = torch.empty_like(tensor)
+        ops = [
+            dist.P2POp(dist.isend, tensor, group=self.group, tag=tag, group_peer=send_to % self.world_size),
+            dist.P2POp(dist.irecv, received, group=self.group, tag=tag, group_peer=recv_from % self.world_size),
+        ]
+        return Pending(dist.batch_isend_irecv(ops), tensor, received)
 
-    def shift(self, tensors: list[torch.Tensor], tag: int = 0) -> Pending:
-        """Pass ``tensors`` one hop around the ring: to rank + 1, from rank - 1."""
-        return self.exchange(tensors, self.rank + 1, self.rank - 1, tag)
+    def shift(self, tensor: torch.Tensor, tag: int = 0) -> Pending:
+        """Pass ``tensor`` one hop around the ring: to rank + 1, from rank - 1."""
+        return self.exchange(tensor, self.rank + 1, self.rank - 1, tag)

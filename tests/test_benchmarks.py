@@ -102,3 +102,74 @@ def test_memory_model_mode_measures_a_patched_llama_training_step(tmp_path):
     # inputs are the weights: the same on every rank and for every P
     assert rows[0]["inputs_mib"] == rows[1]["inputs_mib"] > 0
     assert all(r["peak_mib"] >= 0 and len(r["peak_mib_per_rank"]) == r["world_size"] for r in rows)
+
+
+def test_plan_smoke_reports_planning_time_per_rank(tmp_path):
+    payload = run_script("plan.py", tmp_path / "p.json", "--world-sizes", "2,4", "--docs", "1,16",
+                         "--tokens", "512", "--layouts", "zigzag,striped", "--windows", "none,8",
+                         "--repeats", "1", "--device", "cpu")
+    rows = payload["results"]
+    assert [(r["layout"], r["window"], r["world_size"], r["docs"]) for r in rows] == [
+        (l, w, p, d) for l in ("zigzag", "striped") for w in (None, 8) for p in (2, 4) for d in (1, 16)
+    ]
+    for r in rows:
+        assert len(r["plan_ms_per_rank"]) == r["world_size"]
+        assert r["plan_ms_max"] == max(r["plan_ms_per_rank"]) > 0
+        assert r["plan_cpu_ms_max"] == max(r["plan_cpu_ms_per_rank"]) >= 0
+        assert 1 <= r["num_steps"] <= r["world_size"] and r["calls_per_step_max"] >= 1
+        # every document is padded to the layout's multiple: 2P for zigzag, P for striped
+        multiple = 2 * r["world_size"] if r["layout"] == "zigzag" else r["world_size"]
+        assert r["padded_tokens"] % multiple == 0 and 512 <= r["padded_tokens"] < 512 + r["docs"] * multiple
+        assert r["upload_ms"] >= 0
+    assert payload["target_ms"] == 50.0
+
+
+def test_gpu_check_cpu_smoke_runs_every_section(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+    cmd = [sys.executable, os.path.join(BENCHMARKS, "gpu_check.py"), "--device", "cpu", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with open(tmp_path / "gpu_check.json") as f:
+        report = json.load(f)
+    assert {s: report[s]["status"] for s in ("backends", "ring", "syncs", "plan", "kernel_efficiency")} == dict.fromkeys(
+        ("backends", "ring", "syncs", "plan", "kernel_efficiency"), "ok")
+    for section in ("backends", "ring"):
+        assert report[section]["usable"] == ["cpu"]
+        assert set(report[section]["unavailable"]) == {"flash_attn_4", "flash_attn", "torch_flash"}
+        rows = report[section]["results"]["cpu"]
+        assert rows and all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
+    cases = [r["case"] for r in report["backends"]["results"]["cpu"]]
+    assert any("issue 11" in c for c in cases) and any("one query per sequence" in c for c in cases)
+    assert {r["case"].split()[0] for r in report["ring"]["results"]["cpu"]} == {"zigzag", "contiguous", "striped"}
+    assert "skipped" in report["syncs"]
+    assert report["plan"]["plan_ms_max"] > 0
+    assert {(r["layout"], r["packed"]) for r in report["kernel_efficiency"]["rows"]} == {
+        (l, p) for l in ("zigzag", "contiguous") for p in (False, True)}
+    summary = (tmp_path / "summary.txt").read_text()
+    assert summary.startswith("gpu_check:") and "kernel_efficiency" in summary and summary in proc.stdout
+    assert len(summary.splitlines()) <= 40  # one screen
+
+
+def test_gpu_check_without_cuda_fails_with_a_clear_message(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT, CUDA_VISIBLE_DEVICES="")
+    cmd = [sys.executable, os.path.join(BENCHMARKS, "gpu_check.py"), "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "no CUDA device is available" in proc.stderr and "--device cpu" in proc.stderr
+
+
+def test_gpu_check_records_a_failing_section_and_goes_on():
+    sys.path.insert(0, BENCHMARKS)
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(BENCHMARKS)
+
+    def broken():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    report = {}
+    gpu_check.run_section("backends", broken, report)
+    gpu_check.run_section("plan", lambda: {"plan_ms_max": 1.0}, report)
+    assert report["backends"]["status"] == "error" and "illegal memory access" in report["backends"]["error"]
+    assert "Traceback" in report["backends"]["traceback"]
+    assert report["plan"]["status"] == "ok" and report["plan"]["plan_ms_max"] == 1.0

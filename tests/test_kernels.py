@@ -1,15 +1,30 @@
-"""Kernel backends: one contract (varlen, returns lse, bottom-right masks), checked per backend."""
+"""Kernel backends: one contract (varlen, returns lse, bottom-right masks), checked per backend;
+selection by what imports, never the cpu kernel on CUDA by accident; adapters against stand-ins
+that follow the real signatures."""
 
+import inspect
 import sys
 import types
 
 import pytest
 import torch
 
+import fa2_rules
 from hf_ring_attention import kernels
+from hf_ring_attention.kernels import Varlen, cpu
 from hf_ring_attention.kernels import flash_attn as flash_adapter
-from hf_ring_attention.kernels import reference
+from hf_ring_attention.kernels import flash_attn_4 as fa4_adapter
+from hf_ring_attention.kernels import torch_flash
 from helpers import assert_close
+
+
+def varlen(lqs, lks, window, max_seqlen_k=None) -> Varlen:
+    cu_q, cu_k = [0], [0]
+    for a, b in zip(lqs, lks):
+        cu_q.append(cu_q[-1] + a)
+        cu_k.append(cu_k[-1] + b)
+    return Varlen(torch.tensor(cu_q, dtype=torch.int32), torch.tensor(cu_k, dtype=torch.int32), max(lqs),
+                  max(lks) if max_seqlen_k is None else max_seqlen_k, window)
 
 
 def band_reference(q, k, v, cu_q, cu_k, window, scale):
@@ -60,17 +75,15 @@ def test_cpu_kernel_matches_float64_band_attention(lqs, lks, window, heads, dtyp
     k = torch.randn(cu_k[-1], hkv, 16, generator=gen).to(dtype)
     v = torch.randn(cu_k[-1], hkv, 16, generator=gen).to(dtype)
     scale = 0.3
-    causal = window == (-1, 0)
-    cq, ck = torch.tensor(cu_q, dtype=torch.int32), torch.tensor(cu_k, dtype=torch.int32)
-    args = (cq, ck, max(lqs), max(lks), causal, window, scale)
-    out, lse = reference.forward(q, k, v, *args)
+    call = varlen(lqs, lks, window)
+    out, lse = cpu.forward(q, k, v, call, scale)
     assert out.dtype == dtype and lse.dtype == torch.float32 and lse.shape == (hq, cu_q[-1])
     qd, kd, vd = (t.double().requires_grad_() for t in (q, k, v))
     ref_out, ref_lse = band_reference(qd, kd, vd, cu_q, cu_k, window, scale)
     assert_close(out, ref_out, dtype, "out")
     assert_close(lse, ref_lse, torch.float32, "lse")
     dout = torch.randn(q.shape, generator=gen).to(dtype)
-    grads = reference.backward(dout, q, k, v, out, lse, *args)
+    grads = cpu.backward(dout, q, k, v, out, lse, call, scale)
     ref_grads = torch.autograd.grad(ref_out, (qd, kd, vd), dout.double())
     for name, g, r in zip("qkv", grads, ref_grads):
         assert g.shape == r.shape
@@ -80,50 +93,154 @@ def test_cpu_kernel_matches_float64_band_attention(lqs, lks, window, heads, dtyp
 def test_fused_and_explicit_cpu_paths_agree():
     gen = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(9, 4, 8, generator=gen) for _ in range(3))
-    cu = torch.tensor([0, 9], dtype=torch.int32)
-    fused = reference.forward(q, k, v, cu, cu, 9, 9, True, (-1, 0), None)
+    fused = cpu.forward(q, k, v, varlen([9], [9], (-1, 0)), 8 ** -0.5)
     # (-1, 0) with a no-op left bound 100 takes the explicit path, same mask
-    explicit = reference.forward(q, k, v, cu, cu, 9, 9, False, (100, 0), None)
+    explicit = cpu.forward(q, k, v, varlen([9], [9], (100, 0)), 8 ** -0.5)
     torch.testing.assert_close(fused[0], explicit[0], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(fused[1], explicit[1], rtol=1e-6, atol=1e-6)
 
 
+
+# ------------------------------------------------------------------------------ selection
 def test_automatic_selection_on_cpu_is_cpu_backend():
-    assert kernels.get_kernel(None, torch.device("cpu"), torch.float32) is reference
+    assert kernels.get_kernel(None, torch.device("cpu"), torch.float32, 64) is cpu
+
+
+def test_backend_names_are_module_names():
+    for name, module in kernels.BACKENDS.items():
+        assert module.__name__ == f"hf_ring_attention.kernels.{name}"
+        assert isinstance(module, kernels.Kernel)
 
 
 def test_environment_variable_overrides_and_unknown_backends_fail(monkeypatch):
     monkeypatch.setenv(kernels.ENV_VAR, "cpu")
-    assert kernels.get_kernel(None, torch.device("cpu"), torch.bfloat16) is reference
+    assert kernels.get_kernel(None, torch.device("cpu"), torch.bfloat16, 64) is cpu
     monkeypatch.setenv(kernels.ENV_VAR, "magic")
     with pytest.raises(ValueError, match="unknown backend 'magic'"):
-        kernels.get_kernel(None, torch.device("cpu"), torch.float32)
+        kernels.get_kernel(None, torch.device("cpu"), torch.float32, 64)
 
 
-@pytest.mark.parametrize("backend", ["torch", "flash_attn"])
+@pytest.mark.parametrize("backend", ["torch_flash", "flash_attn", "flash_attn_4"])
 def test_unavailable_backend_is_a_clear_error(backend):
-    with pytest.raises(ValueError, match=f"backend '{backend}' is not available on device cpu"):
-        kernels.get_kernel(backend, torch.device("cpu"), torch.bfloat16)
+    with pytest.raises(ValueError, match=f"backend '{backend}' cannot run on cpu.*needs a CUDA device"):
+        kernels.get_kernel(backend, torch.device("cpu"), torch.bfloat16, 64)
 
 
-# ------------------------------------------------------------------ flash-attn adapter
-def _stand_in(new_api: bool, custom_op: bool = False):
+def test_a_kernel_object_is_accepted_as_backend():
+    assert kernels.get_kernel(fa2_rules, torch.device("cpu"), torch.float32, 8) is fa2_rules
+    with pytest.raises(TypeError, match="backend must be a name"):
+        kernels.get_kernel(3, torch.device("cpu"), torch.float32, 8)
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """Pretend this process has a CUDA GPU of a chosen compute capability (set ``.capability``),
+    with flash-attn 2 and 4 importable or not (set ``.fa2`` / ``.fa4`` to a stand-in or None)."""
+    state = types.SimpleNamespace(capability=(9, 0), fa2=None, fa4=None)
+    for module in (fa4_adapter, flash_adapter, torch_flash):
+        monkeypatch.setattr(module, "cuda_reason", lambda device: None if device.type == "cuda" else "needs CUDA")
+        monkeypatch.setattr(module, "capability", lambda index: state.capability)
+
+    def install():
+        # None in sys.modules makes the import raise ImportError, like a missing package
+        monkeypatch.setitem(sys.modules, "flash_attn.flash_attn_interface", state.fa2)
+        monkeypatch.setitem(sys.modules, "flash_attn.cute.interface", state.fa4)
+        flash_adapter._interface.cache_clear()
+        fa4_adapter._interface.cache_clear()
+
+    state.install = install
+    yield state
+    flash_adapter._interface.cache_clear()
+    fa4_adapter._interface.cache_clear()
+
+
+def test_automatic_order_is_fa4_on_sm90_then_fa2_then_torch(fake_gpu):
+    cuda, bf16 = torch.device("cuda", 0), torch.bfloat16
+    fake_gpu.fa2, fake_gpu.fa4 = _fa2_stand_in(True)[0], _fa4_stand_in()[0]
+    fake_gpu.install()
+    assert kernels.get_kernel(None, cuda, bf16, 128) is fa4_adapter
+    fake_gpu.capability = (8, 0)  # A100: flash-attn 4 has no backward there
+    assert kernels.get_kernel(None, cuda, bf16, 128) is flash_adapter
+    with pytest.raises(ValueError, match="'flash_attn_4' cannot run.*SM90"):
+        kernels.get_kernel("flash_attn_4", cuda, bf16, 128)
+    fake_gpu.fa2 = None
+    fake_gpu.install()
+    assert kernels.get_kernel(None, cuda, bf16, 128) is torch_flash
+
+
+def test_flash_attn_4_alone_is_not_taken_for_flash_attn_2(fake_gpu):
+    # the flash-attn-4 wheel installs flash_attn/cute without flash_attn/__init__.py: the package
+    # is found, flash_attn.flash_attn_interface is not; selection must skip flash_attn, not fail
+    # at the first kernel call
+    fake_gpu.fa4, fake_gpu.capability = _fa4_stand_in()[0], (8, 0)
+    fake_gpu.install()
+    assert kernels.get_kernel(None, torch.device("cuda", 0), torch.float16, 64) is torch_flash
+    with pytest.raises(ValueError, match="'flash_attn' cannot run.*importing flash_attn.flash_attn_interface failed"):
+        kernels.get_kernel("flash_attn", torch.device("cuda", 0), torch.float16, 64)
+
+
+def test_broken_flash_attn_2_is_skipped(fake_gpu, monkeypatch):
+    fake_gpu.capability = (8, 6)
+    fake_gpu.install()
+    broken = types.ModuleType("flash_attn.flash_attn_interface")  # imports, but lacks the kernels
+    monkeypatch.setitem(sys.modules, "flash_attn.flash_attn_interface", broken)
+    flash_adapter._interface.cache_clear()
+    assert kernels.get_kernel(None, torch.device("cuda", 0), torch.bfloat16, 64) is torch_flash
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_float32_on_cuda_is_refused_unless_cpu_is_asked_for(fake_gpu, dtype):
+    fake_gpu.fa4 = _fa4_stand_in()[0]
+    fake_gpu.install()
+    cuda = torch.device("cuda", 0)
+    with pytest.raises(ValueError, match=rf"no flash attention kernel can run on cuda:0 with {str(dtype)[6:]}.*"
+                                         r"cast q, k, v to bfloat16 or float16.*backend='cpu'"):
+        kernels.get_kernel(None, cuda, dtype, 64)
+    assert kernels.get_kernel("cpu", cuda, dtype, 64) is cpu
+
+
+@pytest.mark.parametrize("head_dim, capability", [(100, (9, 0)), (264, (9, 0)), (4, (8, 0))])
+def test_head_dim_the_flash_kernels_cannot_run_is_refused_on_cuda(fake_gpu, head_dim, capability):
+    fake_gpu.fa4, fake_gpu.fa2, fake_gpu.capability = _fa4_stand_in()[0], _fa2_stand_in(True)[0], capability
+    fake_gpu.install()
+    with pytest.raises(ValueError, match=rf"head_dim {head_dim}.*multiple of 8 and at most"):
+        kernels.get_kernel(None, torch.device("cuda", 0), torch.bfloat16, head_dim)
+
+
+def test_flash_attn_4_head_dims_follow_the_architecture(fake_gpu):
+    fake_gpu.fa4, fake_gpu.fa2 = _fa4_stand_in()[0], _fa2_stand_in(True)[0]
+    fake_gpu.install()
+    cuda = torch.device("cuda", 0)
+    for capability in ((9, 0), (10, 0)):
+        fake_gpu.capability = capability
+        assert kernels.get_kernel(None, cuda, torch.bfloat16, 256) is fa4_adapter
+    # SM100 builds head_dim <= 128 or 256: 192 falls through to flash-attn 2
+    assert kernels.get_kernel(None, cuda, torch.bfloat16, 192) is flash_adapter
+    fake_gpu.capability = (9, 0)
+    assert kernels.get_kernel(None, cuda, torch.bfloat16, 192) is fa4_adapter
+
+
+# ------------------------------------------------------------------ flash-attn 2 adapter
+def _fa2_stand_in(new_api: bool, custom_op: bool = False):
     """A fake ``flash_attn.flash_attn_interface`` with the documented 2.x signatures, computing
-    with the CPU reference, so the adapter's argument handling can be checked without CUDA."""
+    with the cpu kernel, so the adapter's argument handling can be checked without CUDA."""
     calls = []
 
     def window_of(kw):
         return (kw["window_size_left"], kw["window_size_right"]) if new_api else kw["window_size"]
+
+    def as_varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, window):
+        if causal:  # flash-attn: causal means window (-1, 0)
+            window = (window[0], 0)
+        return Varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, tuple(window))
 
     def fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
             softmax_scale, causal, **kw):
         assert dropout_p == 0.0
         window = window_of(kw)
         calls.append(("fwd", causal, window, softmax_scale))
-        if causal:  # flash-attn: causal means window (-1, 0)
-            window = (window[0], 0)
-        out, lse = reference.forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                     max_seqlen_k, causal, tuple(window), softmax_scale)
+        out, lse = cpu.forward(q, k, v, as_varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                                  causal, window), softmax_scale)
         if new_api:
             return out, lse, None, None
         return out, q, k, v, out, lse, None, None
@@ -132,10 +249,9 @@ def _stand_in(new_api: bool, custom_op: bool = False):
             max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal, **kw):
         window = window_of(kw)
         calls.append(("bwd", causal, window, softmax_scale, kw.get("deterministic")))
-        if causal:
-            window = (window[0], 0)
-        grads = reference.backward(dout, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k,
-                                   max_seqlen_q, max_seqlen_k, causal, tuple(window), softmax_scale)
+        grads = cpu.backward(dout, q, k, v, out, softmax_lse,
+                             as_varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, window),
+                             softmax_scale)
         for buf, g in zip((dq, dk, dv), grads):
             buf.copy_(g)
         return dq, dk, dv
@@ -190,27 +306,127 @@ class _CustomOp:
         return self._init_fn(*args, **kwargs)
 
 
+def _check_adapter_against_cpu(adapter, window, gen):
+    q, k, v = (torch.randn(7, 4, 8, generator=gen) for _ in range(3))
+    call = varlen([3, 4], [3, 4], window)
+    scale = 8 ** -0.5
+    out, lse = adapter.forward(q, k, v, call, scale)
+    ref_out, ref_lse = cpu.forward(q, k, v, call, scale)
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+    dout = torch.randn(q.shape, generator=gen)
+    for got, want in zip(adapter.backward(dout, q, k, v, out, lse, call, scale),
+                         cpu.backward(dout, q, k, v, out, lse, call, scale)):
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("new_api, custom_op", [(True, True), (True, False), (False, False)],
                          ids=["flash-attn>=2.7 custom op", "flash-attn>=2.7", "flash-attn<2.7"])
-@pytest.mark.parametrize("causal, window", [(True, (-1, 0)), (False, (3, 0)), (False, (-1, -1))])
-def test_flash_attn_adapter_follows_documented_signature(monkeypatch, new_api, custom_op, causal, window):
-    module, calls = _stand_in(new_api, custom_op)
+@pytest.mark.parametrize("window", [(-1, 0), (3, 0), (-1, -1), (1, 2)])
+def test_flash_attn_adapter_follows_documented_signature(monkeypatch, new_api, custom_op, window):
+    module, calls = _fa2_stand_in(new_api, custom_op)
     monkeypatch.setitem(sys.modules, "flash_attn.flash_attn_interface", module)
     monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
     flash_adapter._interface.cache_clear()
     try:
-        gen = torch.Generator().manual_seed(2)
-        q, k, v = (torch.randn(7, 4, 8, generator=gen) for _ in range(3))
-        cu = torch.tensor([0, 3, 7], dtype=torch.int32)
-        args = (cu, cu, 4, 4, causal, window, None)
-        out, lse = flash_adapter.forward(q, k, v, *args)
-        ref_out, ref_lse = reference.forward(q, k, v, *args)
-        assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
-        dout = torch.randn(q.shape, generator=gen)
-        for got, want in zip(flash_adapter.backward(dout, q, k, v, out, lse, *args),
-                             reference.backward(dout, q, k, v, out, lse, *args)):
-            assert torch.equal(got, want)
+        _check_adapter_against_cpu(flash_adapter, window, torch.Generator().manual_seed(2))
+        causal = window == (-1, 0)
         assert calls[0] == ("fwd", causal, window, 8 ** -0.5)
         assert calls[1] == ("bwd", causal, window, 8 ** -0.5, False)
     finally:
         flash_adapter._interface.cache_clear()
+
+
+# ------------------------------------------------------------------ flash-attn 4 adapter
+def _fa4_stand_in(drop_keyword: str | None = None):
+    """A fake ``flash_attn.cute.interface`` whose ``_flash_attn_fwd`` / ``_flash_attn_bwd`` have the
+    signatures of flash-attn-4 4.0.0b36 (trimmed to the arguments that matter here, keyword
+    defaults as there) and its conventions: None = unbounded window side (a negative side is an
+    error here: flash-attn 4 would not normalise it), ``causal`` forces the right side to 0, lse
+    -inf on rows with no key, a 5-tuple from the forward."""
+    calls = []
+
+    def to_varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, left, right):
+        for side in (left, right):
+            assert side is None or side >= 0, f"flash-attn 4 got window side {side}: unbounded is None"
+        if causal:
+            right = 0
+        window = (-1 if left is None else left, -1 if right is None else right)
+        return Varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window)
+
+    def _flash_attn_fwd(q, k, v, qv=None, cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=None,
+                        seqused_k=None, max_seqlen_q=None, max_seqlen_k=None, min_seqlen_k=None,
+                        page_table=None, softmax_scale=None, causal=False, softcap=None,
+                        window_size_left=None, window_size_right=None, learnable_sink=None,
+                        return_lse=False, out=None, lse=None):
+        assert seqused_q is None and seqused_k is None and qv is None
+        calls.append(("fwd", causal, (window_size_left, window_size_right), softmax_scale, return_lse))
+        o, l = cpu.forward(q, k, v, to_varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+                                              window_size_left, window_size_right), softmax_scale)
+        return o, (l if return_lse else None), None, None, None
+
+    def _flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale=None, causal=False, softcap=0.0,
+                        window_size_left=None, window_size_right=None, m_block_size=64, n_block_size=128,
+                        cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=None, seqused_k=None,
+                        max_seqlen_q=None, max_seqlen_k=None, deterministic=False, dq=None, dk=None, dv=None):
+        calls.append(("bwd", causal, (window_size_left, window_size_right), softmax_scale, deterministic))
+        return cpu.backward(dout, q, k, v, out, lse, to_varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                               max_seqlen_k, causal, window_size_left,
+                                                               window_size_right), softmax_scale)
+
+    module = types.ModuleType("flash_attn.cute.interface")
+    module._flash_attn_fwd, module._flash_attn_bwd = _flash_attn_fwd, _flash_attn_bwd
+    if drop_keyword is not None:  # a release whose forward lost a keyword the adapter passes
+        def older_fwd(q, k, v, **kw):
+            raise AssertionError("never called")
+
+        params = inspect.signature(_flash_attn_fwd).parameters.values()
+        older_fwd.__signature__ = inspect.Signature([p for p in params if p.name != drop_keyword])
+        module._flash_attn_fwd = older_fwd
+    return module, calls
+
+
+@pytest.mark.parametrize("window, sent", [((-1, 0), (True, (None, None))), ((3, 0), (False, (3, 0))),
+                                          ((-1, -1), (False, (None, None))), ((-1, 2), (False, (None, 2))),
+                                          ((2, -1), (False, (2, None)))])
+def test_flash_attn_4_adapter_follows_its_signature(monkeypatch, window, sent):
+    module, calls = _fa4_stand_in()
+    monkeypatch.setitem(sys.modules, "flash_attn.cute.interface", module)
+    fa4_adapter._interface.cache_clear()
+    try:
+        _check_adapter_against_cpu(fa4_adapter, window, torch.Generator().manual_seed(3))
+        causal, sides = sent
+        assert calls[0] == ("fwd", causal, sides, 8 ** -0.5, True)
+        assert calls[1] == ("bwd", causal, sides, 8 ** -0.5, False)
+    finally:
+        fa4_adapter._interface.cache_clear()
+
+
+def test_flash_attn_4_release_without_a_needed_keyword_is_unavailable(fake_gpu):
+    fake_gpu.fa4 = _fa4_stand_in(drop_keyword="return_lse")[0]
+    fake_gpu.install()
+    reason = fa4_adapter.check(torch.device("cuda", 0), torch.bfloat16, 128)
+    assert "_flash_attn_fwd takes no ['return_lse']" in reason
+    assert kernels.get_kernel(None, torch.device("cuda", 0), torch.bfloat16, 128) is torch_flash
+
+
+# ------------------------------------------------------------- flash-attn 2's window rules
+@pytest.mark.parametrize("window, max_k, applied", [
+    ((-1, 2), 2, (-1, -1)),   # right >= max_seqlen_k: unbounded
+    ((-1, 2), 4, (4, 2)),     # unbounded left next to a bounded right: max_seqlen_k
+    ((3, -1), 4, (3, 4)),
+    ((5, 0), 4, (4, 0)),      # left >= max_seqlen_k: unbounded, then max_seqlen_k again
+    ((-1, 0), 4, (4, 0)),     # causal: the same rewrite (no effect: every key is left of 4)
+])
+def test_fa2_rules_kernel_applies_flash_attn_2_window_rewrites(window, max_k, applied):
+    assert fa2_rules.effective_window(varlen([4], [2], window, max_seqlen_k=max_k)) == applied
+
+
+def test_fa2_right_clamp_is_wrong_when_max_seqlen_k_is_below_lq_minus_1():
+    # the case of issue 11: Lq = 4, Lk = 2, window (-1, 2): query 0 sees key 0 only
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = torch.randn(4, 2, 8, generator=gen), torch.randn(2, 2, 8, generator=gen), torch.randn(2, 2, 8, generator=gen)
+    exact = cpu.forward(q, k, v, varlen([4], [2], (-1, 2)), 0.3)
+    clamped = fa2_rules.forward(q, k, v, varlen([4], [2], (-1, 2)), 0.3)
+    assert not torch.allclose(clamped[0], exact[0], atol=1e-3)
+    reported = fa2_rules.forward(q, k, v, varlen([4], [2], (-1, 2), max_seqlen_k=4), 0.3)
+    torch.testing.assert_close(reported, exact, rtol=0, atol=0)

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from hf_ring_attention import RingPlan
 from hf_ring_attention.layout import layout_multiple, local_indices
 from helpers import true_mask
+from plan_reference import reference_plan
 
 
 def covered(bounds, world_size, layout, causal, window, seqused=None):
@@ -68,6 +69,68 @@ def test_planned_pairs_cover_true_mask_exactly_once(case):
     assert min_keys is None or min_keys >= 1, "a planned query row sees no key"
 
 
+@settings(max_examples=150, deadline=None)
+@given(masks())
+def test_vectorised_plan_equals_the_scalar_reference(case):
+    bounds, world_size, layout, causal, window, seqused = case
+    last = 0
+    for rank in range(world_size):
+        plan = RingPlan(bounds, world_size=world_size, rank=rank, layout=layout, causal=causal,
+                        window_size=window, seqused=seqused)
+        expected = reference_plan(plan.bounds, plan.seqused, layout, world_size, rank, causal, plan.window_size)
+        assert [[(c.window, c.segments) for c in calls] for calls in plan.steps] == expected
+        last = max([last] + [s for s, calls in enumerate(expected) if calls])
+    every_step = world_size > 1 and plan.window_size is None and seqused is None
+    assert plan.num_steps == (world_size if every_step else last + 1)
+
+
+@settings(max_examples=100, deadline=None)
+@given(masks())
+def test_windows_survive_flash_attn_2_clamping(case):
+    """flash-attn 2 makes a side >= max_seqlen_k unbounded, and an unbounded side next to a bounded
+    one max_seqlen_k: both are exact when max_seqlen_k >= Lq - 1 (right) and >= Lk - 1 (left)."""
+    bounds, world_size, layout, causal, window, seqused = case
+    for rank in range(world_size):
+        plan = RingPlan(bounds, world_size=world_size, rank=rank, layout=layout, causal=causal,
+                        window_size=window, seqused=seqused)
+        for calls in plan.steps:
+            for call in calls:
+                assert call.max_seqlen_k >= call.max_seqlen_q
+                for s in call.segments:
+                    lq, lk = s.q1 - s.q0, s.k1 - s.k0
+                    assert call.max_seqlen_k >= max(lq, lk)
+                    # a bounded side binds (else it would have been planned as unbounded)
+                    assert s.right < 0 or s.right < lq - 1
+                    assert s.left < 0 or s.left < lk - 1
+
+
+def test_upload_packs_every_index_in_one_buffer():
+    bounds, seqused = [0, 16, 48, 56], [13, 32, 1]
+    plan = RingPlan(bounds, world_size=4, rank=1, window_size=6, seqused=seqused)
+    calls = plan.upload("cpu").device_calls("cpu")
+    assert len(calls) == plan.num_steps
+    storages = set()
+    for host_calls, device_calls in zip(plan.steps, calls):
+        assert len(host_calls) == len(device_calls)
+        for host, dev in zip(host_calls, device_calls):
+            segs = host.segments
+            lq = [s.q1 - s.q0 for s in segs]
+            lk = [s.k1 - s.k0 for s in segs]
+            assert dev.varlen.cu_seqlens_q.tolist() == [sum(lq[:i]) for i in range(len(lq) + 1)]
+            assert dev.varlen.cu_seqlens_k.tolist() == [sum(lk[:i]) for i in range(len(lk) + 1)]
+            assert dev.varlen.cu_seqlens_q.dtype == torch.int32
+            assert (dev.varlen.max_seqlen_q, dev.varlen.window) == (max(lq), host.window)
+            for rows, spans in ((dev.q_rows, [(s.q0, s.q1) for s in segs]), (dev.k_rows, [(s.k0, s.k1) for s in segs])):
+                wanted = [i for a, b in spans for i in range(a, b)]
+                got = list(range(rows.start, rows.stop)) if rows.index is None else rows.index.tolist()
+                assert got == wanted
+                if rows.index is not None:
+                    storages.add(rows.index.untyped_storage().data_ptr())
+            storages.add(dev.varlen.cu_seqlens_q.untyped_storage().data_ptr())
+            storages.add(dev.varlen.cu_seqlens_k.untyped_storage().data_ptr())
+    assert len(storages) == 1, "every tensor of the plan is a view of one uploaded buffer"
+
+
 @pytest.mark.parametrize("world_size", [2, 4, 8])
 def test_zigzag_single_document_is_one_call_per_step(world_size):
     # step 0: one causal call over both chunks; later steps: one full call of n x 2n or 2n x n
@@ -77,7 +140,7 @@ def test_zigzag_single_document_is_one_call_per_step(world_size):
         plan = RingPlan(bounds, world_size=world_size, rank=rank)
         assert [len(calls) for calls in plan.steps] == [1] * world_size
         first = plan.steps[0][0]
-        assert first.causal and first.segments == first.segments[:1]
+        assert first.causal and len(first.segments) == 1
         assert (first.segments[0].q1 - first.segments[0].q0) == 2 * n
         for calls in plan.steps[1:]:
             (seg,) = calls[0].segments

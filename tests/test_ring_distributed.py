@@ -36,6 +36,7 @@ def _exactness(rank, world_size):
             assert_close(unshard(t.grad, cu, layout=layout), full.grad, torch.float32, f"d{name} {what}")
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_matches_float64_attention_on_every_rank(world_size):
     spawn(_exactness, world_size)
@@ -58,6 +59,7 @@ def _padded_bf16_and_window_skip(rank, world_size):
     assert_close(out, v.float(), torch.float32, "window 1")
 
 
+@pytest.mark.distributed
 def test_padded_documents_bfloat16_and_window_of_one():
     spawn(_padded_bf16_and_window_skip, 2)
 
@@ -81,6 +83,10 @@ def _bad_inputs(rank, world_size):
         "device": (lambda: ring_attention(q, kv.to("meta"), kv.to("meta"), cu), ValueError, "one device"),
         "seqused": (lambda: ring_attention(q, kv, kv, cu, seqused=torch.tensor([8 * world_size + 1], dtype=torch.int32)),
                     ValueError, "seqused"),
+        # the kernel (device, dtype, head_dim) is settled before the first K/V block moves
+        "backend": (lambda: ring_attention(q, kv, kv, cu, backend="flash_attn_4"), ValueError,
+                    "backend 'flash_attn_4' cannot run on cpu"),
+        "unknown backend": (lambda: ring_attention(q, kv, kv, cu, backend="fa5"), ValueError, "unknown backend 'fa5'"),
     }
     if world_size > 2:  # a group this rank is not in: ranks 0 and 1 only
         group = dist.new_group([0, 1])
@@ -95,6 +101,7 @@ def _bad_inputs(rank, world_size):
     assert out.shape == q.shape
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_bad_input_raises_on_every_rank_without_hanging(world_size):
     spawn(_bad_inputs, world_size)

@@ -6,16 +6,20 @@ import itertools
 import pytest
 import torch
 
+import fa2_rules
 from hf_ring_attention import InProcessRing, pad_for_layout
 from hf_ring_attention.layout import layout_multiple
-from hf_ring_attention.ring import merge_
-from helpers import assert_close, attention_reference, random_bounds
+from hf_ring_attention.plan import Call
+from helpers import TOL, attention_reference, random_bounds, rel_err
 
 LAYOUTS = ["zigzag", "contiguous", "striped"]
 HEADS = {"MHA": (4, 4), "GQA": (8, 2), "MQA": (4, 1)}
 
 
-def check_ring(bounds, world_size, layout, causal, window, heads, dtype, seqused=None, seed=0, head_dim=16):
+def ring_errors(bounds, world_size, layout, causal, window, heads, dtype, seqused=None, seed=0, head_dim=16,
+                backend=None) -> dict:
+    """Relative errors of the in-process ring's output and input gradients against float64
+    attention on the whole sequence."""
     gen = torch.Generator().manual_seed(seed)
     total, (hq, hkv) = bounds[-1], heads
     q = torch.randn(total, hq, head_dim, generator=gen).to(dtype)
@@ -26,17 +30,25 @@ def check_ring(bounds, world_size, layout, causal, window, heads, dtype, seqused
     ring = InProcessRing(torch.tensor(bounds, dtype=torch.int32), world_size=world_size,
                          layout=layout, causal=causal, window_size=window, seqused=used)
     shards = [[s.requires_grad_() for s in ring.shard(t)] for t in (q, k, v)]
-    outs = ring.attention(*shards)
+    outs = ring.attention(*shards, backend=backend)
     torch.autograd.backward(outs, ring.shard(dout))
     qd, kd, vd = (t.double().requires_grad_() for t in (q, k, v))
     ref = attention_reference(qd, kd, vd, bounds, causal, window, seqused)
     ref.backward(dout.double())
-    what = f"{layout} P={world_size} causal={causal} window={window} heads={heads} bounds={bounds}"
     out = ring.unshard(outs)
     assert out.dtype == dtype
-    assert_close(out, ref, dtype, f"out {what}")
+    errors = {"out": rel_err(out, ref)}
     for name, parts, full in zip("qkv", shards, (qd, kd, vd)):
-        assert_close(ring.unshard([p.grad for p in parts]), full.grad, dtype, f"d{name} {what}")
+        errors[f"d{name}"] = rel_err(ring.unshard([p.grad for p in parts]), full.grad)
+    return errors
+
+
+def check_ring(bounds, world_size, layout, causal, window, heads, dtype, seqused=None, seed=0, head_dim=16,
+               backend=None):
+    errors = ring_errors(bounds, world_size, layout, causal, window, heads, dtype, seqused, seed, head_dim, backend)
+    what = f"{layout} P={world_size} causal={causal} window={window} heads={heads} bounds={bounds} seqused={seqused}"
+    for name, err in errors.items():
+        assert err <= TOL[dtype], f"{name} {what}: relative error {err:.3e} > {TOL[dtype]:.0e} ({dtype})"
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4, 8])
@@ -87,16 +99,38 @@ def test_float64_is_exact_to_rounding():
     check_ring([0, 16, 48], 4, "zigzag", True, 5, HEADS["GQA"], torch.float64)
 
 
-def test_merge_handles_rows_that_saw_nothing():
-    # rows 0: seen nothing yet + block sees nothing; 1: nothing yet + block; 2: both finite
-    out = torch.zeros(3, 1, 2)
-    lse = torch.tensor([[float("-inf"), float("-inf"), 0.5]])
-    out[2] = 1.0
-    block_out = torch.tensor([[[0.0, 0.0]], [[2.0, 3.0]], [[3.0, 3.0]]])
-    block_lse = torch.tensor([[float("-inf"), 1.0, 0.5]])
-    merge_(out, lse, slice(0, 3), block_out, block_lse)
-    assert not out.isnan().any() and not lse.isnan().any()
-    assert torch.equal(out[0], torch.zeros(1, 2)) and lse[0, 0] == float("-inf")
-    assert torch.equal(out[1], block_out[1]) and lse[0, 1] == 1.0
-    torch.testing.assert_close(out[2], torch.full((1, 2), 2.0))
-    torch.testing.assert_close(lse[0, 2], torch.tensor(0.5 + torch.log(torch.tensor(2.0)).item()))
+# ----------------------------------------------------- flash-attn 2's rules, seen on CPU
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_ring_is_exact_under_flash_attn_2_window_rules(layout, causal):
+    """The same sweep through a CPU kernel that rewrites windows and lse as flash-attn 2 does on a
+    GPU (tests/fa2_rules.py): padded documents of every size, windows narrower and wider than a
+    shard, and one query per sequence (GQA, where flash-attn 2 swaps heads into the sequence)."""
+    gen = torch.Generator().manual_seed(7)
+    for world_size in (2, 4):
+        multiple = layout_multiple(layout, world_size)
+        for _ in range(2):
+            lengths = torch.randint(1, 4 * multiple, (3,), generator=gen).tolist()
+            cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+            padded = pad_for_layout(torch.zeros(cu[-1].item()), cu, world_size=world_size, layout=layout)
+            for window in (None, 2, multiple // 2 + 1, 5):
+                check_ring(padded.cu_seqlens.tolist(), world_size, layout, causal, window, HEADS["GQA"],
+                           torch.float32, seqused=lengths, backend=fa2_rules, head_dim=8)
+
+
+@pytest.mark.parametrize("case", [
+    # issue 11: one document of 8 real tokens padded to 48, non-causal window 5: rank 0's step 3
+    # pairs Lq = 4 queries with Lk = 2 keys under window (-1, 2); max_seqlen_k = 2 drops the bound
+    dict(bounds=[0, 48], seqused=[8], causal=False),
+    # causal, from the sweep above: an unbounded right side next to a bounded left one becomes
+    # max_seqlen_k, which cuts rows off when it is below Lq - 1
+    dict(bounds=[0, 8, 24, 32], seqused=[5, 13, 1], causal=True),
+], ids=["issue-11-non-causal", "causal"])
+def test_flash_attn_2_rules_catch_a_plan_that_reports_max_seqlen_k_below_lq(monkeypatch, case):
+    case = dict(case, world_size=4, layout="zigzag", window=5, heads=HEADS["GQA"], dtype=torch.float32,
+                backend=fa2_rules)
+    check_ring(**case)  # the plan as it is: exact
+    # the plan as it was: max_seqlen_k = the longest key sequence of the call
+    monkeypatch.setattr(Call, "max_seqlen_k", property(lambda call: int((call.k1 - call.k0).max())))
+    errors = ring_errors(**case)
+    assert max(errors.values()) > 100 * TOL[torch.float32], errors

@@ -1,64 +1,103 @@
-"""Varlen attention kernels that return the log-sum-exp: one contract, three implementations.
-
-Every backend module provides::
-
-    forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, window,
-            softmax_scale) -> (out [Tq, Hq, D] in q.dtype, lse [Hq, Tq] float32)
-    backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-             causal, window, softmax_scale) -> (dq, dk, dv)
-
-q is ``[Tq, Hq, D]``, k and v ``[Tk, Hkv, D]`` with Hq a multiple of Hkv (K/V are never repeated),
-cu_seqlens are int32 boundaries of the packed sequences, ``window = (left, right)`` with -1 for
-unbounded, and masks are aligned bottom-right (see ``plan.py``); ``causal`` is the same as
-``window == (-1, 0)``. ``backward`` may be given the merged out and lse of several calls.
+"""Varlen attention kernels that return the log-sum-exp: one contract (``contract.py``), four
+backends. Each backend is the module of the same name.
 
 Backends, in the order of automatic selection:
 
-``flash_attn``  the flash-attn package (CUDA, fp16/bf16), when it is installed;
-``torch``       PyTorch's built-in FlashAttention-2 kernels (CUDA, fp16/bf16);
-``cpu``         pure PyTorch with float32 accumulation (any device and dtype; uses PyTorch's fused
-                CPU flash kernel where it fits).
+``flash_attn_4``  flash-attn 4 (``flash_attn.cute``, the CuTe DSL kernels; ``pip install
+                  flash-attn-4``) on SM90 or newer (H100, H200, Blackwell), fp16/bf16;
+``flash_attn``    the flash-attn 2 package (CUDA sm80+, fp16/bf16), when it imports;
+``torch_flash``   PyTorch's built-in FlashAttention-2 kernels (CUDA sm80+, fp16/bf16);
+``cpu``           pure PyTorch with float32 accumulation (any device and dtype; it uses PyTorch's
+                  fused CPU flash kernel where it fits).
 
-Override with ``backend=`` or the environment variable ``HF_RING_ATTENTION_BACKEND``.
+A backend is available when what it calls imports (checked once): an installed but broken
+flash-attn, or flash-attn 4 alone (which installs ``flash_attn/cute`` without
+``flash_attn/__init__.py``), is skipped, not picked. The flash backends need ``head_dim`` to be a
+multiple of 8 and at most 256.
+
+On a CUDA device the automatic choice never falls back to ``cpu``: that kernel materialises the
+``[Lq, Lk, H]`` scores of every block (8.6 GB at 8K x 8K x 32 heads), so float32 input, an older
+GPU or an unsupported head_dim raise instead, naming the fix; ``backend="cpu"`` asks for it
+explicitly. Override the choice with ``backend=`` or the environment variable
+``HF_RING_ATTENTION_BACKEND``.
 """
 
 from __future__ import annotations
 
 import os
-from types import ModuleType
 
 import torch
 
-from . import flash_attn, reference, torch_flash
+from . import cpu, flash_attn, flash_attn_4, torch_flash
+from .contract import Kernel, Varlen, accumulate_dtype, resolve_scale
 
-BACKENDS: dict[str, ModuleType] = {m.name: m for m in (flash_attn, torch_flash, reference)}
+BACKENDS: dict[str, Kernel] = {m.name: m for m in (flash_attn_4, flash_attn, torch_flash, cpu)}
 ENV_VAR = "HF_RING_ATTENTION_BACKEND"
 
-
-def _supports(module: ModuleType, device: torch.device, dtype: torch.dtype) -> bool:
-    return module.is_available(device) and dtype in getattr(module, "DTYPES", (dtype,))
+__all__ = ["BACKENDS", "ENV_VAR", "Kernel", "Varlen", "accumulate_dtype", "get_kernel", "resolve_scale"]
 
 
-def get_kernel(backend: str | None, device: torch.device, dtype: torch.dtype) -> ModuleType:
-    """The kernel module for ``backend`` (None: the ``HF_RING_ATTENTION_BACKEND`` environment
-    variable, else the first backend that supports ``device`` and ``dtype``).
+def get_kernel(backend: str | Kernel | None, device, dtype: torch.dtype, head_dim: int) -> Kernel:
+    """The kernel backend for ``device``, ``dtype`` and ``head_dim``.
+
+    Args:
+        backend (`str` or `Kernel`, *optional*): a name from :data:`BACKENDS`, or an object that
+            follows :class:`Kernel` (tests). None: the ``HF_RING_ATTENTION_BACKEND`` environment
+            variable, else the first backend of :data:`BACKENDS` that can run here (on CUDA, never
+            ``cpu``).
+        device (`torch.device`): where q, k, v live.
+        dtype (`torch.dtype`): their dtype.
+        head_dim (`int`): their last dimension.
 
     Raises:
-        ValueError: for an unknown backend name, or one that cannot run on this device and dtype.
+        ValueError: for an unknown name, a backend that cannot run here, or (automatic choice on
+            CUDA) no flash backend that can; the message gives every backend's reason and the fix.
     """
     device = torch.device(device)
-    requested = backend or os.environ.get(ENV_VAR) or None
+    requested = backend if backend is not None else (os.environ.get(ENV_VAR) or None)
     if requested is None:
-        return next(m for m in BACKENDS.values() if _supports(m, device, dtype))
-    if requested not in BACKENDS:
-        raise ValueError(f"unknown backend {requested!r}; choose one of {sorted(BACKENDS)}")
-    module = BACKENDS[requested]
-    if not module.is_available(device):
-        hint = " (pip install flash-attn)" if requested == "flash_attn" else ""
-        raise ValueError(f"backend {requested!r} is not available on device {device}{hint}")
-    if not _supports(module, device, dtype):
-        raise ValueError(
-            f"backend {requested!r} does not support dtype {dtype}; it supports "
-            f"{[str(d) for d in module.DTYPES]} (use backend='cpu' for other dtypes)"
-        )
+        return _automatic(device, dtype, head_dim)
+    if isinstance(requested, str):
+        if requested not in BACKENDS:
+            raise ValueError(f"unknown backend {requested!r}; choose one of {list(BACKENDS)}")
+        module = BACKENDS[requested]
+    elif isinstance(requested, Kernel):
+        module = requested
+    else:
+        raise TypeError(f"backend must be a name from {list(BACKENDS)} or a Kernel, got {type(requested).__name__}")
+    reason = module.check(device, dtype, head_dim)
+    if reason is not None:
+        raise ValueError(f"backend {module.name!r} cannot run on {device} with {_dt(dtype)}, head_dim "
+                         f"{head_dim}: it {reason}")
     return module
+
+
+def _automatic(device: torch.device, dtype: torch.dtype, head_dim: int) -> Kernel:
+    reasons = {}
+    for name, module in BACKENDS.items():
+        if module is cpu and device.type == "cuda":
+            break
+        reason = module.check(device, dtype, head_dim)
+        if reason is None:
+            return module
+        reasons[name] = reason
+    listed = "; ".join(f"{name}: {reason}" for name, reason in reasons.items())
+    fixes = []
+    if dtype not in (torch.float16, torch.bfloat16):
+        fixes.append("cast q, k, v to bfloat16 or float16 (or run the model under torch.autocast)")
+    if head_dim % 8 or head_dim > 256:
+        fixes.append("use a head_dim that is a multiple of 8 and at most 256")
+    if not fixes:
+        fixes.append("see the reasons above: PyTorch's built-in kernels (torch_flash) need no install on an "
+                     "sm80 or newer GPU")
+    fix = "; ".join(fixes)
+    raise ValueError(
+        f"no flash attention kernel can run on {device} with {_dt(dtype)} and head_dim {head_dim} ({listed}). "
+        f"Fix: {fix}. backend='cpu' runs the reference kernel on the GPU instead, which materialises the "
+        f"[Lq, Lk, heads] scores of every block (8.6 GB at 8K x 8K x 32 heads); ask for it explicitly if "
+        f"that is what you want."
+    )
+
+
+def _dt(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")

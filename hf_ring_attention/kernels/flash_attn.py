@@ -1,35 +1,67 @@
-"""Adapter for the flash-attn package's varlen kernels (used when it is installed, on CUDA).
+"""Backend ``flash_attn``: the flash-attn 2 package's varlen kernels (CUDA sm80+, fp16/bf16; see
+``contract.py``).
 
 flash-attn is source-only on PyPI and cannot be built on our CI machines, so this adapter is kept
 thin and is tested against a stand-in that follows the package's documented signature
-(``tests/test_kernels.py``). Differences between 2.x releases absorbed here:
+(``tests/test_kernels.py``). It is available when ``flash_attn.flash_attn_interface`` imports and
+has the two functions it calls (checked once): ``find_spec("flash_attn")`` alone is not enough,
+since flash-attn 4 installs ``flash_attn/cute`` as a namespace package without it.
+
+Differences between 2.x releases absorbed here:
 
 * ``_flash_attn_varlen_forward`` returns ``(out, softmax_lse, S_dmask, rng_state)`` from 2.7 on
   and an 8-tuple ``(out, q, k, v, out_padded, softmax_lse, S_dmask, rng_state)`` before;
 * the window is ``window_size_left=, window_size_right=`` from 2.7 on and ``window_size=(l, r)``
   before; both are found by inspecting the signature, never by comparing version strings.
+
+flash-attn 2 treats a window side >= ``max_seqlen_k`` as unbounded and an unbounded side next to a
+bounded one as ``max_seqlen_k``; the plan reports ``max_seqlen_k >= max_seqlen_q`` so that both
+rules leave every window it plans exact.
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import inspect
 from functools import lru_cache
 
 import torch
 
+from .contract import Varlen, capability, cuda_reason, dtype_reason, head_dim_reason
+
 name = "flash_attn"
-DTYPES = (torch.float16, torch.bfloat16)
-
-
-def is_available(device: torch.device) -> bool:
-    return device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
 
 
 @lru_cache(maxsize=None)
 def _interface():
-    return importlib.import_module("flash_attn.flash_attn_interface")
+    module = importlib.import_module("flash_attn.flash_attn_interface")
+    for fn in ("_flash_attn_varlen_forward", "_flash_attn_varlen_backward"):
+        if not hasattr(module, fn):
+            raise ImportError(f"flash_attn.flash_attn_interface has no {fn}")
+    return module
+
+
+def import_error() -> str | None:
+    """Why the flash-attn 2 interface does not import, or None (cached)."""
+    try:
+        _interface()
+    except Exception as error:  # a broken build raises anything from ImportError to OSError
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def check(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    """CUDA sm80+ with an importable flash-attn 2, fp16/bf16, head_dim % 8 == 0 and <= 256."""
+    reason = cuda_reason(device)
+    if reason is not None:
+        return reason
+    error = import_error()
+    if error is not None:
+        return f"needs the flash-attn 2 package (pip install flash-attn): importing flash_attn.flash_attn_interface failed ({error})"
+    major, minor = capability(device.index)
+    if major < 8:
+        return f"needs an sm80 (Ampere) or newer GPU, this one is sm{major}{minor}"
+    return dtype_reason(dtype) or head_dim_reason(head_dim)
 
 
 def _parameters(fn):
@@ -56,28 +88,25 @@ def _present(fn, **candidates) -> dict:
     return {name: value for name, value in candidates.items() if name in params}
 
 
-def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, window, softmax_scale):
+def forward(q, k, v, varlen: Varlen, softmax_scale: float):
     fn = _interface()._flash_attn_varlen_forward
-    if softmax_scale is None:
-        softmax_scale = q.shape[-1] ** -0.5
     result = fn(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 0.0, softmax_scale, causal,
-        **_window_kwargs(fn, window),
+        q, k, v, varlen.cu_seqlens_q, varlen.cu_seqlens_k, varlen.max_seqlen_q, varlen.max_seqlen_k,
+        0.0, softmax_scale, varlen.causal,
+        **_window_kwargs(fn, varlen.window),
         **_present(fn, softcap=0.0, alibi_slopes=None, return_softmax=False),
     )
     out, lse = (result[0], result[1]) if len(result) == 4 else (result[0], result[5])
     return out, lse
 
 
-def backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, window, softmax_scale):
+def backward(dout, q, k, v, out, lse, varlen: Varlen, softmax_scale: float):
     fn = _interface()._flash_attn_varlen_backward
-    if softmax_scale is None:
-        softmax_scale = q.shape[-1] ** -0.5
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     fn(
-        dout.contiguous(), q, k, v, out, lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k,
-        max_seqlen_q, max_seqlen_k, 0.0, softmax_scale, causal,
-        **_window_kwargs(fn, window),
+        dout.contiguous(), q, k, v, out, lse, dq, dk, dv, varlen.cu_seqlens_q, varlen.cu_seqlens_k,
+        varlen.max_seqlen_q, varlen.max_seqlen_k, 0.0, softmax_scale, varlen.causal,
+        **_window_kwargs(fn, varlen.window),
         **_present(fn, softcap=0.0, alibi_slopes=None, deterministic=False),
     )
     return dq, dk, dv

@@ -1,4 +1,5 @@
-"""Pure PyTorch varlen attention returning the log-sum-exp (any device, any float dtype).
+"""Backend ``cpu``: pure PyTorch varlen attention returning the log-sum-exp (any device, any
+float dtype; see ``contract.py``).
 
 Legend: T tokens (packed), H heads (Hq query, Hkv key/value heads, G = Hq / Hkv), D head dim.
 Tensors are ``q_THD [Tq, Hq, D]``, ``k_THD, v_THD [Tk, Hkv, D]``, ``lse_HT [Hq, Tq]``.
@@ -7,7 +8,8 @@ Each sequence of the varlen batch is computed on its own, in float32 (float64 fo
 On CPU, sequences whose mask is full or square-causal go through PyTorch's fused CPU flash kernel
 (``_scaled_dot_product_flash_attention_for_cpu``, which also returns the log-sum-exp; its causal
 mask is aligned top-left, which equals bottom-right only when Lq == Lk). Everything else uses an
-explicit bottom-right aligned band mask (see ``plan.py``).
+explicit bottom-right aligned band mask. Automatic selection uses it on CPU only: on a GPU it
+materialises the scores of every block (``backend="cpu"`` asks for it there explicitly).
 """
 
 from __future__ import annotations
@@ -15,22 +17,20 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 
+from .contract import Varlen, accumulate_dtype
+
 name = "cpu"
 
 
-def is_available(device: torch.device) -> bool:
-    return True
+def check(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    """Runs anywhere, in any floating point dtype."""
+    return None if dtype.is_floating_point else f"needs a floating point dtype, got {dtype}"
 
 
-def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for half-precision (and float32) inputs, float64 for float64 (tests)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _fused_ok(q: torch.Tensor, lq: int, lk: int, causal: bool, window) -> bool:
+def _fused_ok(q: torch.Tensor, lq: int, lk: int, window) -> bool:
     if q.device.type != "cpu":
         return False
-    return window == (-1, -1) or (causal and window == (-1, 0) and lq == lk)
+    return window == (-1, -1) or (window == (-1, 0) and lq == lk)
 
 
 def _band_mask(lq: int, lk: int, window, device) -> torch.Tensor:
@@ -54,19 +54,20 @@ def _grouped(x_THD: torch.Tensor, hkv: int) -> torch.Tensor:
     return rearrange(x_THD, "t (h g) d -> t h g d", h=hkv)
 
 
-def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, window, softmax_scale):
+def forward(q, k, v, varlen: Varlen, softmax_scale: float):
     """Varlen attention forward. Returns ``(out [Tq, Hq, D] in q.dtype, lse [Hq, Tq] float32)``
     (float64 lse for float64 input). Rows that see no key get out = 0 and lse = -inf."""
+    window = varlen.window
     cdt = accumulate_dtype(q.dtype)
     out = torch.zeros_like(q)
     lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=cdt, device=q.device)
     hkv = k.shape[1]
-    for q0, q1, k0, k1 in _sequences(cu_seqlens_q, cu_seqlens_k):
+    for q0, q1, k0, k1 in _sequences(varlen.cu_seqlens_q, varlen.cu_seqlens_k):
         lq, lk = q1 - q0, k1 - k0
         if lq == 0 or lk == 0:
             continue
         qs, ks, vs = q[q0:q1], k[k0:k1], v[k0:k1]
-        if _fused_ok(q, lq, lk, causal, window):
+        if _fused_ok(q, lq, lk, window):
             o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 qs.transpose(0, 1)[None], ks.transpose(0, 1)[None], vs.transpose(0, 1)[None],
                 0.0, window == (-1, 0), scale=softmax_scale,
@@ -84,20 +85,21 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, cau
     return out, lse
 
 
-def backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, window, softmax_scale):
+def backward(dout, q, k, v, out, lse, varlen: Varlen, softmax_scale: float):
     """Gradients of a forward call, recomputed from ``out`` and ``lse`` (which may be the merged
     results of several calls: only the probabilities ``exp(s - lse)`` are recomputed).
     Returns ``(dq, dk, dv)`` in the input dtypes; dk and dv have Hkv heads."""
+    window = varlen.window
     cdt = accumulate_dtype(q.dtype)
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     hkv = k.shape[1]
-    for q0, q1, k0, k1 in _sequences(cu_seqlens_q, cu_seqlens_k):
+    for q0, q1, k0, k1 in _sequences(varlen.cu_seqlens_q, varlen.cu_seqlens_k):
         lq, lk = q1 - q0, k1 - k0
         if lq == 0 or lk == 0:
             continue
         qs, ks, vs, dos, os_ = q[q0:q1], k[k0:k1], v[k0:k1], dout[q0:q1], out[q0:q1]
         ls = lse[:, q0:q1]
-        if _fused_ok(q, lq, lk, causal, window):
+        if _fused_ok(q, lq, lk, window):
             grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 dos.transpose(0, 1)[None], qs.transpose(0, 1)[None], ks.transpose(0, 1)[None],
                 vs.transpose(0, 1)[None], os_.transpose(0, 1)[None],
@@ -114,15 +116,11 @@ def backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, 
         dp = torch.einsum("qhgd,khd->hgqk", do, vs.to(cdt))
         delta = (do * _grouped(os_, hkv).to(cdt)).sum(-1).permute(1, 2, 0)  # [Hkv, G, Lq]
         ds = p * (dp - delta[..., None])
-        scale = _scale(softmax_scale, q)
+        scale = softmax_scale
         dq[q0:q1] = (torch.einsum("hgqk,khd->qhgd", ds, ks.to(cdt)) * scale).reshape(lq, -1, q.shape[-1]).to(q.dtype)
         dk[k0:k1] = (torch.einsum("hgqk,qhgd->khd", ds, _grouped(qs, hkv).to(cdt)) * scale).to(k.dtype)
     return dq, dk, dv
 
 
-def _scale(softmax_scale, q) -> float:
-    return q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
-
-
 def _scores(qs, ks, hkv, softmax_scale, cdt):
-    return torch.einsum("qhgd,khd->hgqk", _grouped(qs, hkv).to(cdt), ks.to(cdt)) * _scale(softmax_scale, qs)
+    return torch.einsum("qhgd,khd->hgqk", _grouped(qs, hkv).to(cdt), ks.to(cdt)) * softmax_scale
