@@ -286,7 +286,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--seq-len", type=int, default=3072, help="tokens per sequence (default: 3072)")
     p.add_argument("--cp-size", type=int, default=None, help="ranks per context-parallel group (default: all processes, or HF_RING_ATTENTION_CP_SIZE)")
     p.add_argument("--layout", default="zigzag", choices=["zigzag", "contiguous", "striped"], help="how sequences are split (default: zigzag)")
-    p.add_argument("--backend", default=None, choices=["flash_attn", "torch", "cpu"], help="attention kernels (default: automatic)")
+    p.add_argument("--backend", default=None, choices=["flash_attn_4", "flash_attn", "torch_flash", "cpu"], help="attention kernels (default: automatic)")
     p.add_argument("--batch-size", type=int, default=4, help="sequences per data-parallel replica per micro-step (default: 4)")
     p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default: 1)")
     p.add_argument("--max-steps", type=int, default=300, help="optimizer steps (default: 300)")

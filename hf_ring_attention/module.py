@@ -49,7 +49,7 @@ class RingAttention(nn.Module):
             rank and shard it here (see below); otherwise take this rank's shard.
         group (`ProcessGroup`, *optional*): the context-parallel group; None is the default group,
             or a single process when ``torch.distributed`` is not initialised.
-        backend (`str`, *optional*): attention kernel, ``"flash_attn"``, ``"torch"`` or ``"cpu"``
+        backend (`str`, *optional*): attention kernel, ``"flash_attn_4"``, ``"flash_attn"``, ``"torch_flash"`` or ``"cpu"``
             (see :func:`ring_attention`); None chooses automatically.
 
     The projections have no bias (padding tokens then have exactly 0 output). The softmax scale

@@ -171,7 +171,7 @@ def patch_model(model, *, group: ProcessGroup | None = None, layout: str = "zigz
         group (`ProcessGroup`, *optional*): the context-parallel group (None: default group).
         layout (`str`): ``"zigzag"`` (default), ``"contiguous"`` or ``"striped"``; shard batches
             with the same layout (:func:`shard_batch`).
-        backend (`str`, *optional*): kernel backend (``"flash_attn"``, ``"torch"``, ``"cpu"``);
+        backend (`str`, *optional*): kernel backend (``"flash_attn_4"``, ``"flash_attn"``, ``"torch_flash"``, ``"cpu"``);
             default: automatic, or the ``HF_RING_ATTENTION_BACKEND`` environment variable.
 
     Returns:

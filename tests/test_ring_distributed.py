@@ -11,7 +11,6 @@ from hf_ring_attention import pad_for_layout, ring_attention, shard, unshard
 from hf_ring_attention.layout import layout_multiple
 from helpers import assert_close, attention_reference, random_bounds, spawn
 
-pytestmark = pytest.mark.distributed
 
 
 def _exactness(rank, world_size):
