@@ -3,7 +3,8 @@
     accelerate launch --multi_gpu --num_processes 2 examples/trainer.py        # CPU or 2 GPUs
 
 Trains the small Llama of examples/finetune.py on its passkey-retrieval task with the Trainer;
-the only additions to a plain Trainer script are the callback and its collator.
+the only addition to a plain Trainer script is the callback (it shards each batch by wrapping the
+Trainer's data collator).
 """
 
 import argparse
@@ -35,7 +36,7 @@ def main():
         model=build_model(argparse.Namespace(model=None, seq_len=args.seq_len)), args=training_args,
         train_dataset=PasskeyDataset(10_000, args.seq_len, seed=1, packed=True),
         eval_dataset=PasskeyDataset(16, args.seq_len, seed=2, packed=False),
-        data_collator=ring.data_collator(collate), callbacks=[ring],
+        data_collator=collate, callbacks=[ring],
     )
     trainer.train()
     metrics = trainer.evaluate()

@@ -1,6 +1,6 @@
 """hf_ring_attention: exact ring attention (context parallelism) for Hugging Face models."""
 
-from .batch import RingBatch, count_targets, shard_batch
+from .batch import RingBatch, check_same_batch, count_targets, shard_batch
 from .inprocess import InProcessRing
 from .layout import LAYOUTS, Padded, pad_for_layout, unpad
 from .module import RingAttention
@@ -27,6 +27,7 @@ __all__ = [
     "RingAttention",
     "RingBatch",
     "RingPlan",
+    "check_same_batch",
     "count_targets",
     "is_patched",
     "patch_model",

@@ -34,8 +34,28 @@ def padding_mask_function():
     return flash_attention_mask
 
 
+def initialising_trainer(callback):
+    """The ``Trainer`` whose ``__init__`` is running ``callback.on_init_end``, found on the call
+    stack (``Trainer.__init__`` -> ``CallbackHandler.on_init_end`` -> ``call_event`` -> the
+    callback), or None. Callbacks are not handed the Trainer, but the callback must wrap its data
+    collator: TRL's ``SFTTrainer`` refuses a user collator in its padding-free modes."""
+    import sys
+
+    from transformers import Trainer
+
+    frame = sys._getframe(1)
+    for _ in range(16):
+        if frame is None:
+            return None
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, Trainer) and callback in getattr(owner.callback_handler, "callbacks", ()):
+            return owner
+        frame = frame.f_back
+    return None
+
+
 # -------------------------------------------------------------------------------- accelerate
-# Checked against accelerate 1.10.0 and 1.15.0.
+# Checked against accelerate 1.10.0, 1.10.1 and 1.15.0.
 
 
 def accelerator_mesh(state):
@@ -113,6 +133,24 @@ def _probe_mask_function() -> bool:
     return callable(padding_mask_function())
 
 
+def _probe_initialising_trainer() -> bool:
+    import tempfile
+
+    import torch
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    found = []
+
+    class Probe(TrainerCallback):
+        def on_init_end(self, args, state, control, **kwargs):
+            found.append(initialising_trainer(self))
+
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(output_dir=out, report_to=[], use_cpu=True)
+        trainer = Trainer(model=torch.nn.Linear(1, 1), args=args, callbacks=[Probe()])
+    return found == [trainer] and hasattr(trainer, "data_collator")
+
+
 def _probe_state_mesh() -> bool:
     import inspect
 
@@ -170,6 +208,8 @@ def _probe_fsdp_divide_factor() -> bool:
 PROBES: dict[str, Callable[[], bool]] = {
     "transformers PretrainedConfig._attn_implementation_internal": _probe_config,
     "transformers.masking_utils.flash_attention_mask": _probe_mask_function,
+    "transformers Trainer.__init__ calls callback_handler.on_init_end (the callback finds its Trainer)":
+        _probe_initialising_trainer,
     "accelerate AcceleratorState.device_mesh": _probe_state_mesh,
     "accelerate DataLoaderShard.end_of_dataloader": _probe_end_of_dataloader,
     "accelerate AcceleratedScheduler internals (split_batches, step_with_optimizer, gradient_state."

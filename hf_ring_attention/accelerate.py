@@ -47,14 +47,15 @@ class ContextParallelPlugin:
             The ``world_size / cp_size`` groups are data-parallel replicas.
         layout (`str`): ``"zigzag"`` (default), ``"contiguous"`` or ``"striped"``.
         backend (`str`, *optional*): kernel backend (see ``hf_ring_attention.kernels``).
-        check_batches (`int`): on this many first batches, check (one all-gather of a checksum)
-            that every rank of a group was given the same batch.
+        check_batches (`bool`): check every batch (default): at its first attention layer the
+            patched model all-gathers a checksum of the full batch over the group, and every rank
+            raises if the ranks were given different batches (one small all-gather per batch).
     """
 
     cp_size: int | None = None
     layout: str = "zigzag"
     backend: str | None = None
-    check_batches: int = 2
+    check_batches: bool = True
     cp: ContextParallelSetup = field(init=False, repr=False)
     model: PreTrainedModel | None = field(default=None, init=False, repr=False)
 
@@ -191,7 +192,6 @@ class ShardedDataLoader:
             raise error
         if stats[1]:
             raise ValueError(f"{int(stats[1])} rank(s) could not shard their batch (see their error)")
-        cp.check_batch(sharded[0]["ring_batch"], device=self.accelerator.device)
         # every rank of a context-parallel group counted the same batches
         return sharded, stats[0] / cp.mesh.cp_size
 

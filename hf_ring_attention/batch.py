@@ -4,9 +4,10 @@ A batch of B rows becomes one packed buffer of documents (rows split at padding 
 ``position_ids``; user padding is dropped and every document is padded to the layout's multiple).
 Each rank feeds the model its shard as a single row ``[1, tokens]`` with global ``position_ids``
 (exact rotary embeddings), ``shift_labels`` computed on the whole sequence (no target lost at a
-shard boundary), the global target count ``num_items_in_batch``, and a :class:`RingBatch` that
-the attention function reads: the global document boundaries and, per sliding window, a plan made
-once per batch and shared by every layer and by the backward pass.
+shard boundary), the global target count ``num_items_in_batch``, an ``attention_mask`` that marks
+the layout padding among its tokens, and a :class:`RingBatch` that the attention function reads:
+the global document boundaries and, per sliding window, a plan made once per batch and shared by
+every layer and by the backward pass.
 
 Nothing here imports transformers: the batch is plain tensors.
 """
@@ -29,6 +30,9 @@ if TYPE_CHECKING:
 
 IGNORE_INDEX = -100
 BATCH_KEYS = ("input_ids", "attention_mask", "position_ids", "labels", "shift_labels")
+# What padding-free collators (TRL's, transformers' DataCollatorWithFlattening) add beside
+# restarting position_ids: the same documents, checked against them, then dropped.
+PACKING_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
 
 
 @dataclass
@@ -47,6 +51,10 @@ class RingBatch:
         fingerprint (`int`): a checksum of the full batch, to check that every rank of the group
             was given the same one (:func:`check_same_batch`).
         num_targets (`int`): target tokens of the full batch (0 without labels).
+        local_mask (`torch.Tensor`, *optional*): ``[tokens]`` bool, True on this rank's real tokens
+            (False on layout padding).
+        check (`bool`): whether the patched model checks the batch with :func:`check_same_batch`
+            at its first attention layer (once per batch).
     """
 
     bounds: list[int]
@@ -60,7 +68,11 @@ class RingBatch:
     rank: int
     fingerprint: int = 0
     num_targets: int = 0
+    local_mask: torch.Tensor | None = field(default=None, repr=False)
+    check: bool = False
+    checked: bool = field(default=False, repr=False)
     _plans: dict = field(default_factory=dict, repr=False)
+    _masks: list = field(default_factory=list, repr=False)  # attention masks checked against local_mask
 
     @property
     def num_tokens(self) -> int:
@@ -125,6 +137,7 @@ def shard_batch(
     group: ProcessGroup | None = None,
     layout: str = "zigzag",
     num_items_in_batch: int | float | torch.Tensor | None = None,
+    check: bool = True,
 ) -> dict:
     """This rank's part of a full causal-LM batch, as keyword arguments for ``model(**...)``.
 
@@ -133,19 +146,31 @@ def shard_batch(
             ``[B, S]``, and optionally ``attention_mask`` ``[B, S]`` (1 = token, 0 = left or
             right padding), ``position_ids`` ``[B, S]`` (packed documents restart their
             positions; default ``arange(S)`` per row, as in transformers), ``labels`` ``[B, S]``
-            (unshifted, -100 = ignore) or ``shift_labels`` ``[B, S]`` (already shifted).
+            (unshifted, -100 = ignore) or ``shift_labels`` ``[B, S]`` (already shifted). The
+            keys that padding-free collators add beside restarting ``position_ids`` (TRL's, and
+            transformers' ``DataCollatorWithFlattening``: ``cu_seq_lens_q``, ``cu_seq_lens_k``,
+            ``max_length_q``, ``max_length_k``, ``seq_idx``) are accepted for a single row: they
+            must describe the documents that ``position_ids`` describe.
         group (`ProcessGroup`, *optional*): the context-parallel group (None: default group).
         layout (`str`): ``"zigzag"`` (default), ``"contiguous"`` or ``"striped"``; must match
             :func:`~hf_ring_attention.patch_model`.
         num_items_in_batch (`int` or `float`, *optional*): what the sum of the token losses is
             divided by; default: the number of targets of this batch (at least 1). Pass the count
             over all micro-batches when accumulating gradients, or over all data-parallel replicas.
+        check (`bool`): whether the patched model, at its first attention layer, checks that every
+            rank of the group was given the same full batch (one all-gather of a checksum per batch,
+            before any other communication of the forward pass; :func:`check_same_batch`). Ranks
+            that were given different batches then all raise a ``ValueError`` naming each rank's
+            batch shape and checksum, instead of training on mixed data or aborting in the ring.
+            ``shard_batch`` itself never communicates.
 
     Returns:
         `dict` with ``input_ids`` and ``position_ids`` ``[1, tokens]`` (this rank's tokens with
-        their global positions), ``ring_batch`` (:class:`RingBatch`), ``use_cache=False``, and when
-        labels are given ``labels`` and ``shift_labels`` (both the shifted targets of this rank's
-        tokens, -100 at document ends and on padding) and ``num_items_in_batch``.
+        their global positions), ``attention_mask`` ``[1, tokens]`` (bool, False on the layout's
+        padding: the real tokens, which Trainer and TRL token counts read), ``ring_batch``
+        (:class:`RingBatch`), ``use_cache=False``, and when labels are given ``labels`` and
+        ``shift_labels`` (both the shifted targets of this rank's tokens, -100 at document ends
+        and on padding) and ``num_items_in_batch``.
 
     Summed over the ranks of the group, the model's losses are the token-mean loss of the whole
     batch on one device, and so are the summed gradients.
@@ -154,12 +179,10 @@ def shard_batch(
     check_layout(layout)
     input_ids, mask, positions, targets, start = _check_batch(batch)
     b, s = input_ids.shape
+    # every document is padded to the layout's multiple, so a batch shorter than it is exact too
+    # (some ranks then hold only layout padding: no attention, no loss), e.g. the last, partly
+    # filled batch of packed data
     multiple = layout_multiple(layout, world_size)
-    if world_size > 1 and s < multiple:
-        raise ValueError(
-            f"sequence length {s} is shorter than the {multiple} tokens that layout={layout!r} needs "
-            f"to give every one of {world_size} ranks a piece; use fewer context-parallel ranks"
-        )
     bounds, lengths, real_flat, real_packed = batch_structure(mask, start, multiple)
     total = bounds[-1]
     pos = positions if positions is not None else torch.arange(s).expand(b, s)
@@ -171,9 +194,13 @@ def shard_batch(
 
     local = local_indices(bounds, layout, world_size, rank)
     device = batch["input_ids"].device
+    real = torch.zeros(total, dtype=torch.bool)
+    real[real_packed] = True
+    local_mask = real[local]
     out = {
         "input_ids": packed(input_ids, 0)[local][None].to(device),
         "position_ids": packed(pos, 0)[local][None].to(device),
+        "attention_mask": local_mask[None].to(device),
         "use_cache": False,
     }
     num_targets = 0 if targets is None else int((targets != IGNORE_INDEX).sum())
@@ -186,6 +213,7 @@ def shard_batch(
         bounds=bounds, lengths=lengths, batch_shape=(b, s), real_packed=real_packed,
         real_flat=real_flat, group=group, layout=layout, world_size=world_size, rank=rank,
         fingerprint=_fingerprint(input_ids, mask, positions, targets), num_targets=num_targets,
+        local_mask=local_mask, check=check and world_size > 1,
     )
     return out
 
@@ -203,27 +231,46 @@ def _fingerprint(*tensors) -> int:
 
 def check_same_batch(ring_batch: RingBatch, device: torch.device | None = None) -> None:
     """Raise on every rank of the context-parallel group if its ranks were not all given the
-    same full batch (one all-gather of a checksum)."""
-    if ring_batch.world_size == 1:
-        return
-    mine = torch.tensor([ring_batch.fingerprint], dtype=torch.long, device=device)
-    every = [torch.empty_like(mine) for _ in range(ring_batch.world_size)]
-    dist.all_gather(every, mine, group=ring_batch.group)
-    values = [int(t) for t in every]
-    if len(set(values)) > 1:
-        raise ValueError(
-            f"the ranks of a context-parallel group were given different batches (checksums by "
-            f"rank: {values}); every rank of the group must load the same batch (use the same seed "
-            f"and data order, e.g. accelerate.utils.set_seed before building the dataloader)"
-        )
+    same full batch: one all-gather of a few integers (checksum, batch shape, real tokens),
+    whose size does not depend on the batch, so ranks with batches of different shapes raise
+    too instead of failing in a later collective. A collective: call it on every rank of the
+    group. The patched model calls it by itself when ``shard_batch(..., check=True)``.
+
+    Args:
+        ring_batch (:class:`RingBatch`): the ``ring_batch`` of this rank's :func:`shard_batch`.
+        device (`torch.device`, *optional*): where the all-gather runs (a CUDA device under NCCL).
+
+    Raises:
+        ValueError: naming every rank's batch shape, real tokens and checksum.
+    """
+    if ring_batch.world_size > 1:
+        b, s = ring_batch.batch_shape
+        mine = torch.tensor([ring_batch.fingerprint, b, s, ring_batch.num_tokens], dtype=torch.long, device=device)
+        every = [torch.empty_like(mine) for _ in range(ring_batch.world_size)]
+        dist.all_gather(every, mine, group=ring_batch.group)
+        rows = [t.tolist() for t in every]
+        if any(row != rows[0] for row in rows):
+            described = "; ".join(
+                f"rank {r}: batch [{row[1]}, {row[2]}] with {row[3]} real tokens, checksum {row[0]}"
+                for r, row in enumerate(rows)
+            )
+            raise ValueError(
+                f"the ranks of a context-parallel group were given different batches ({described}); "
+                f"every rank of the group must load the same batch (use the same seed and data "
+                f"order, e.g. accelerate.utils.set_seed before building the dataloader)"
+            )
+    ring_batch.checked = True
 
 
 def _check_batch(batch: dict):
     """Validate a full batch (host copies); returns input_ids, mask, positions, shifted targets
     and document starts."""
-    unknown = sorted(set(batch) - set(BATCH_KEYS))
+    unknown = sorted(set(batch) - set(BATCH_KEYS) - set(PACKING_KEYS))
     if unknown:
-        raise ValueError(f"shard_batch does not know how to shard {unknown}; it takes {list(BATCH_KEYS)}")
+        raise ValueError(
+            f"shard_batch does not know how to shard {unknown}; it takes {list(BATCH_KEYS)} (and "
+            f"{list(PACKING_KEYS)} beside restarting position_ids)"
+        )
     if "input_ids" not in batch:
         raise ValueError("shard_batch needs input_ids [B, S]")
     input_ids = batch["input_ids"].cpu()
@@ -258,12 +305,56 @@ def _check_batch(batch: dict):
     elif shift_labels is not None:
         targets = shift_labels.clone()
     start = document_starts(mask, positions)
+    _check_packing_keys(batch, mask, positions, start)
     if targets is not None:
         # no target across a document end or into padding
         nxt_starts = torch.ones(shape, dtype=torch.bool)
         nxt_starts[:, :-1] = start[:, 1:] | ~mask[:, 1:]
         targets = targets.masked_fill(nxt_starts | ~mask, IGNORE_INDEX)
     return input_ids, mask, positions, targets, start
+
+
+def _check_packing_keys(batch: dict, mask: torch.Tensor, positions: torch.Tensor | None, start: torch.Tensor) -> None:
+    """The keys of padding-free collators must describe the documents of ``position_ids``."""
+    given = [k for k in PACKING_KEYS if batch.get(k) is not None]
+    if not given:
+        return
+    if positions is None:
+        raise ValueError(
+            f"{given} describe packed documents, but position_ids are missing; pass the position_ids "
+            f"that restart at 0 at each document (as TRL's and transformers' padding-free collators do)"
+        )
+    if mask.shape[0] != 1 or not mask.all():
+        raise ValueError(
+            f"{given} describe the documents of one flattened row without padding, but input_ids has "
+            f"shape {tuple(mask.shape)} with {int((~mask).sum())} padding tokens"
+        )
+    starts = start[0].nonzero().flatten().tolist()
+    bounds = starts + [mask.shape[1]]
+    longest = max(b - a for a, b in zip(bounds, bounds[1:]))
+    for key in given:
+        value = batch[key]
+        if key.startswith("cu_seq_lens"):
+            got = value.flatten().tolist() if isinstance(value, torch.Tensor) else list(value)
+            expected = bounds
+        elif key.startswith("max_length"):
+            got = int(value)
+            expected = longest
+        else:  # seq_idx: the document of every token
+            got = value.flatten().tolist() if isinstance(value, torch.Tensor) else list(value)
+            expected = (torch.cumsum(start[0].long(), 0) - 1).tolist()
+        if got != expected:
+            raise ValueError(
+                f"{key}={_short(got)} does not describe the documents of position_ids (documents "
+                f"restart at positions {_short(starts)} of the row, so {key} should be "
+                f"{_short(expected)}); build position_ids and {key} from the same documents"
+            )
+
+
+def _short(values, limit: int = 12) -> str:
+    if not isinstance(values, list) or len(values) <= limit:
+        return str(values)
+    return f"[{', '.join(map(str, values[:limit]))}, ... ({len(values)} values)]"
 
 
 def check_edge_padding(mask: torch.Tensor) -> None:

@@ -20,10 +20,8 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import torch
-
 from . import _compat
-from .batch import check_same_batch, shard_batch
+from .batch import shard_batch
 from .layout import check_layout
 
 if TYPE_CHECKING:
@@ -129,14 +127,16 @@ class ContextParallelSetup:
     cp_size: int | None = None
     layout: str = "zigzag"
     backend: str | None = None
-    check_batches: int = 2
+    check_batches: bool = True
     mesh: CPMesh | None = field(default=None, init=False, repr=False)
-    _checked: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self):
         check_layout(self.layout)
-        if self.check_batches < 0:
-            raise ValueError(f"check_batches must be >= 0, got {self.check_batches}")
+        if not isinstance(self.check_batches, bool):
+            raise TypeError(
+                f"check_batches must be True (check every batch: one all-gather of a checksum per "
+                f"batch) or False, got {self.check_batches!r}"
+            )
 
     @property
     def group(self) -> ProcessGroup | None:
@@ -192,20 +192,10 @@ class ContextParallelSetup:
         return patch_model(model, group=self.group, layout=self.layout, backend=self.backend)
 
     def shard(self, batch: dict) -> dict:
-        """This rank's shard of a full batch (:func:`~hf_ring_attention.shard_batch`)."""
-        return shard_batch(batch, group=self.group, layout=self.layout)
-
-    @property
-    def checked_all(self) -> bool:
-        """Whether the first ``check_batches`` batches have been checked."""
-        return self._checked >= self.check_batches
-
-    def check_batch(self, ring_batch, device: torch.device | None = None) -> None:
-        """On the first ``check_batches`` batches, check that every rank of the group was given
-        the same batch (a collective: call it on every rank)."""
-        if self._checked < self.check_batches:
-            self._checked += 1
-            check_same_batch(ring_batch, device=device)
+        """This rank's shard of a full batch (:func:`~hf_ring_attention.shard_batch`); with
+        ``check_batches``, the patched model checks at its first attention layer that every rank
+        of the group was given the same batch."""
+        return shard_batch(batch, group=self.group, layout=self.layout, check=self.check_batches)
 
 
 def check_engine(accelerator_state, parallelism_config=None) -> bool:

@@ -1,14 +1,14 @@
-"""Context-parallel training with the transformers ``Trainer``: :class:`RingAttentionCallback`.
+"""Context-parallel training with the transformers ``Trainer`` (and TRL's ``SFTTrainer``):
+:class:`RingAttentionCallback`.
 
     ring = RingAttentionCallback(cp_size=2)
-    trainer = Trainer(model, args, train_dataset=ds, eval_dataset=eval_ds,
-                      data_collator=ring.data_collator(collator), callbacks=[ring])
+    trainer = Trainer(model, args, train_dataset=ds, eval_dataset=eval_ds, callbacks=[ring])
 
-A callback cannot touch the batches (the Trainer passes none to it), so the callback comes with
-one companion piece, a collator wrapper: it shards each collated batch with ``shard_batch``. The
-callback builds the dp x cp process mesh when the Trainer is created (so that the Trainer's data
-loader deals one batch per context-parallel group), patches the model, refuses what cannot be
-exact, and checks on the first steps that the ranks of a group received the same batch.
+When the Trainer is created, the callback builds the dp x cp process mesh (so that the Trainer's
+data loader deals one batch per context-parallel group), patches the model, refuses what cannot
+be exact, and wraps the Trainer's data collator (yours, the Trainer's default, or TRL's, which TRL
+does not let users replace in its padding-free modes) so that each collated batch is sharded with
+``shard_batch``. Every batch is checked for being the same on the ranks of a group.
 
 Exactness follows from the Trainer's own bookkeeping: it counts the targets of the sharded
 ``shift_labels`` on every rank and sums them over all processes (``num_items_in_batch`` over the
@@ -20,27 +20,33 @@ mean over processes is the batch's token mean.
 from __future__ import annotations
 
 from transformers import TrainerCallback, default_data_collator
+from transformers.utils import logging
 
+from . import _compat
 from .cp import ContextParallelSetup, check_engine
 from .fsdp import is_fully_sharded
+
+logger = logging.get_logger(__name__)
 
 
 class RingAttentionCallback(TrainerCallback):
     """Trains a transformers model with ring attention across context-parallel groups.
+
+    Pass it in the Trainer's ``callbacks``; it wraps the Trainer's data collator itself.
 
     Args:
         cp_size (`int`, *optional*): ranks per context-parallel group (consecutive ranks);
             default: the ``HF_RING_ATTENTION_CP_SIZE`` environment variable, else every process.
         layout (`str`): ``"zigzag"`` (default), ``"contiguous"`` or ``"striped"``.
         backend (`str`, *optional*): kernel backend (see ``hf_ring_attention.kernels``).
-        check_batches (`int`): on this many first forward passes, check that every rank of a
-            group was given the same batch.
+        check_batches (`bool`): check every batch (default): at its first attention layer the
+            patched model all-gathers a checksum of the full batch over the group, and every rank
+            raises if the ranks were given different batches (one small all-gather per batch).
     """
 
     def __init__(self, cp_size: int | None = None, layout: str = "zigzag", backend: str | None = None,
-                 check_batches: int = 2):
+                 check_batches: bool = True):
         self.cp = ContextParallelSetup(cp_size, layout, backend, check_batches)
-        self._hook = None
 
     @property
     def group(self):
@@ -48,8 +54,9 @@ class RingAttentionCallback(TrainerCallback):
         return self.cp.group
 
     def data_collator(self, collator=None) -> ShardingCollator:
-        """The Trainer's ``data_collator``: ``collator`` (default: transformers'
-        ``default_data_collator``) followed by ``shard_batch``."""
+        """``collator`` (default: transformers' ``default_data_collator``) followed by
+        ``shard_batch``. The callback wraps the Trainer's collator by itself; this is for building
+        the wrapped collator explicitly (passing it as the Trainer's ``data_collator`` is fine)."""
         return ShardingCollator(self, collator or default_data_collator)
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
@@ -75,11 +82,25 @@ class RingAttentionCallback(TrainerCallback):
                 "(TrainingArguments(fsdp='full_shard', fsdp_config={'version': 2}); accelerate applies FSDP "
                 "on GPUs only), or train the wrapped model with ContextParallelPlugin."
             )
+        trainer = _compat.initialising_trainer(self)
+        if trainer is None:
+            raise RuntimeError(
+                "RingAttentionCallback.on_init_end must be called by the Trainer it was passed to "
+                "(Trainer(..., callbacks=[ring])); Trainer.add_callback after construction is too late"
+            )
         # the Trainer's data loader then deals the same batch to the ranks of a cp group
         self.cp.install(state, getattr(args, "parallelism_config", None))
-        model = self.cp.prepare_model(model)
-        if self._hook is None and self.cp.check_batches:
-            self._hook = model.register_forward_pre_hook(self._check_batch, with_kwargs=True)
+        self.cp.prepare_model(model)
+        collator = trainer.data_collator
+        if not (isinstance(collator, ShardingCollator) and collator.callback is self):
+            trainer.data_collator = ShardingCollator(self, collator or default_data_collator)
+        if type(trainer).__module__.startswith("trl.") and self.cp.mesh.cp_size > 1:
+            logger.warning(
+                "TRL's trainers divide each rank's evaluation loss by that rank's own number of "
+                "targets, so with context parallelism eval_loss is the mean of the ranks' token means, "
+                "not exactly the token mean. Training losses, gradients, entropy, token accuracy and "
+                "num_tokens are exact."
+            )
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         # the Trainer scales the loss for an average over all processes: FSDP2 must reduce that way
@@ -93,14 +114,6 @@ class RingAttentionCallback(TrainerCallback):
         if state.max_steps and state.global_step >= state.max_steps:
             control.should_log = True
         return control
-
-    def _check_batch(self, module, args, kwargs):
-        ring_batch = kwargs.get("ring_batch")
-        if ring_batch is not None:
-            self.cp.check_batch(ring_batch, device=kwargs["input_ids"].device)
-        if self.cp.checked_all and self._hook is not None:
-            self._hook.remove()
-            self._hook = None
 
 
 class ShardingCollator:
@@ -118,7 +131,7 @@ class ShardingCollator:
         batch = {k: v for k, v in batch.items() if v is not None}
         cp = self.callback.cp
         if cp.mesh is None:
-            raise RuntimeError("pass the RingAttentionCallback to the Trainer's callbacks as well as its data_collator")
+            raise RuntimeError("pass the RingAttentionCallback to the Trainer's callbacks")
         local = cp.shard(batch)
         if "labels" in local:
             local["num_items_in_batch"] = max(local["ring_batch"].num_targets, 1) / cp.mesh.cp_size

@@ -9,6 +9,7 @@ attention function through the model's keyword arguments.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -18,7 +19,7 @@ from transformers.masking_utils import AttentionMaskInterface, flash_attention_m
 from transformers.utils import logging
 
 from . import _compat
-from .batch import RingBatch, batch_structure, document_starts
+from .batch import RingBatch, batch_structure, check_edge_padding, check_same_batch, document_starts
 from .distributed import group_rank, group_size
 from .layout import check_layout
 from .ring import ring_attention_with_plan
@@ -36,11 +37,45 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 # ------------------------------------------------------------------------ the attention
+class _ForwardScope:
+    """Structures of plain (unsharded) batches at world size 1, built once per forward pass of the
+    patched model and reused by every layer. Hooks on the model's decoder open the scope before
+    its forward and close it after (also when it raises); outside a scope (for instance when
+    activation checkpointing recomputes a layer in the backward pass) nothing is cached. Entries
+    hold the mask and position tensors they were built from and match by identity, so a tensor
+    that is freed cannot pass its id on to a stale entry."""
+
+    def __init__(self):
+        self.depth = 0
+        self.entries: list[tuple[object, object, RingBatch]] | None = None
+
+    def open(self, module, args, kwargs) -> None:
+        if self.depth == 0:
+            self.entries = []
+        self.depth += 1
+
+    def close(self, module, args, kwargs, output) -> None:
+        self.depth = max(self.depth - 1, 0)
+        if self.depth == 0:
+            self.entries = None
+
+    def batch(self, mask, positions, build) -> RingBatch:
+        if self.entries is None:
+            return build()
+        for m, p, ring_batch in self.entries:
+            if m is mask and p is positions:
+                return ring_batch
+        ring_batch = build()
+        self.entries.append((mask, positions, ring_batch))
+        return ring_batch
+
+
 @dataclass(frozen=True)
 class _Settings:
     group: ProcessGroup | None
     layout: str
     backend: str | None
+    scope: _ForwardScope
 
 
 def ring_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
@@ -48,6 +83,11 @@ def ring_attention_forward(module, query, key, value, attention_mask, dropout=0.
     """The transformers attention function (registered as ``"hf_ring_attention"``).
 
     query ``[B, Hq, S, D]``, key/value ``[B, Hkv, S, D]`` -> ``([B, S, Hq, D], None)``.
+
+    Under ``torch.autocast``, q, k and v are cast to the autocast dtype (the rotary embedding
+    returns float32 q and k while v is in the autocast dtype), as transformers' SDPA and
+    flash-attention paths do; the ring then runs outside autocast, so that its float32
+    accumulation stays float32.
     """
     settings: _Settings | None = getattr(module, "_ring_attention", None)
     if settings is None:
@@ -59,31 +99,65 @@ def ring_attention_forward(module, query, key, value, attention_mask, dropout=0.
                 "ring attention on more than one rank needs each rank's shard of the batch: call "
                 "model(**hf_ring_attention.shard_batch(batch, group=..., layout=...))"
             )
-        ring_batch = _single_rank_batch(query, attention_mask, kwargs.get("position_ids"), settings)
+        positions = kwargs.get("position_ids")
+        ring_batch = settings.scope.batch(
+            attention_mask, positions, lambda: _single_rank_batch(query, attention_mask, positions, settings))
         unpack = True
     else:
-        if attention_mask is not None:
-            raise ValueError("shard_batch already encodes padding and documents; do not also pass attention_mask")
-        if ring_batch.layout != settings.layout:
-            raise ValueError(
-                f"the batch was sharded with layout={ring_batch.layout!r} but the model was patched with "
-                f"layout={settings.layout!r}"
-            )
-        if query.shape[0] != 1:
-            raise ValueError(f"a sharded batch is one packed row, got query batch size {query.shape[0]}")
+        _check_shard(ring_batch, attention_mask, query, settings)
         unpack = False
+    device_type = query.device.type
+    autocast = torch.is_autocast_enabled(device_type)
+    if autocast:
+        dtype = torch.get_autocast_dtype(device_type)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     b, hq, s, d = query.shape
     q, k, v = (t.transpose(1, 2).reshape(b * s, t.shape[1], d) for t in (query, key, value))
     if unpack:
         rows = ring_batch.real_flat.to(q.device)
         q, k, v = (t.index_select(0, rows) for t in (q, k, v))
-    out = ring_attention_with_plan(
-        q, k, v, ring_batch.plan(sliding_window), group=settings.group, softmax_scale=scaling,
-        backend=settings.backend,
-    )
+    with torch.autocast(device_type, enabled=False) if autocast else nullcontext():
+        out = ring_attention_with_plan(
+            q, k, v, ring_batch.plan(sliding_window), group=settings.group, softmax_scale=scaling,
+            backend=settings.backend,
+        )
     if unpack:
         out = out.new_zeros(b * s, hq, d).index_copy(0, rows, out)
     return out.view(b, s, hq, d), None
+
+
+def _check_shard(ring_batch: RingBatch, attention_mask, query, settings: _Settings) -> None:
+    """A sharded batch: the settings and the padding mask must match it; on its first layer, the
+    ranks check that they were given the same batch (before the ring communicates)."""
+    if ring_batch.layout != settings.layout:
+        raise ValueError(
+            f"the batch was sharded with layout={ring_batch.layout!r} but the model was patched with "
+            f"layout={settings.layout!r}"
+        )
+    if query.shape[0] != 1:
+        raise ValueError(f"a sharded batch is one packed row, got query batch size {query.shape[0]}")
+    if attention_mask is not None and not _is_shard_mask(ring_batch, attention_mask):
+        raise ValueError(
+            "shard_batch already encodes padding and documents: pass the attention_mask it returns "
+            "unchanged (it marks this rank's layout padding), or none"
+        )
+    if ring_batch.check and not ring_batch.checked:
+        check_same_batch(ring_batch, device=query.device)
+
+
+def _is_shard_mask(ring_batch: RingBatch, mask: torch.Tensor) -> bool:
+    """Whether ``mask`` is the ``[1, tokens]`` mask of this shard's real tokens. Compared by value
+    once per mask object (a host sync; transformers makes one or two per forward pass, shared by
+    the layers); the last masks that passed are remembered on the batch."""
+    seen = ring_batch._masks
+    if any(m is mask for m in seen):
+        return True
+    expected = ring_batch.local_mask
+    ok = (expected is not None and mask.dim() == 2 and tuple(mask.shape) == (1, expected.numel())
+          and torch.equal(mask[0].bool().cpu(), expected))
+    if ok:
+        seen[:] = seen[-3:] + [mask]
+    return ok
 
 
 def _refuse_unsupported(module, query, key, dropout, kwargs) -> None:
@@ -111,11 +185,14 @@ def _refuse_unsupported(module, query, key, dropout, kwargs) -> None:
 
 def _single_rank_batch(query, attention_mask, position_ids, settings: _Settings) -> RingBatch:
     """Structure of a plain (unsharded) batch on a single rank: rows are split into documents at
-    padding (2-D mask from transformers' flash mask function) and at position restarts."""
+    padding (2-D mask from transformers' flash mask function) and where ``position_ids`` restart
+    (packed documents stay separate, with or without an attention mask). Padding between the
+    tokens of a row is refused, as in :func:`shard_batch`."""
     b, _, s, _ = query.shape
     mask = torch.ones(b, s, dtype=torch.bool) if attention_mask is None else attention_mask.bool().cpu()
     if mask.shape != (b, s):
         raise ValueError(f"expected a [B, S] padding mask, got shape {tuple(mask.shape)}")
+    check_edge_padding(mask)
     positions = None
     if position_ids is not None:
         positions = position_ids.cpu().expand(b, s)
@@ -132,8 +209,20 @@ AttentionMaskInterface.register(ATTN_NAME, flash_attention_mask)
 # ------------------------------------------------------------------------------ patching
 @dataclass
 class _PatchState:
+    """Kept on the patched transformers model: what to restore, the settings its attention
+    modules share, and the hooks that open and close the forward scope on its decoder."""
+
     previous: str | None
-    settings: _Settings
+    scope: _ForwardScope
+    hooks: list
+    settings: _Settings | None = None
+
+
+def _inner_model(model):
+    """The transformers model that patching acts on: ``model``, or the base model of a PEFT model
+    (so the patch lives on the model that ``merge_and_unload`` returns)."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) else model
 
 
 def _attention_modules(model):
@@ -167,7 +256,9 @@ def patch_model(model, *, group: ProcessGroup | None = None, layout: str = "zigz
     """Make a transformers causal LM use ring attention. Idempotent; see :func:`unpatch_model`.
 
     Args:
-        model (`PreTrainedModel`): a Llama, Mistral, Qwen2 or Qwen3 causal LM (or base model).
+        model (`PreTrainedModel` or `PeftModel`): a Llama, Mistral, Qwen2 or Qwen3 causal LM (or
+            base model), or a PEFT model around one (its base model is patched, before or after
+            ``get_peft_model``; ``merge_and_unload()`` then returns the patched model).
         group (`ProcessGroup`, *optional*): the context-parallel group (None: default group).
         layout (`str`): ``"zigzag"`` (default), ``"contiguous"`` or ``"striped"``; shard batches
             with the same layout (:func:`shard_batch`).
@@ -175,7 +266,7 @@ def patch_model(model, *, group: ProcessGroup | None = None, layout: str = "zigz
             default: automatic, or the ``HF_RING_ATTENTION_BACKEND`` environment variable.
 
     Returns:
-        The same model, switched to the ``"hf_ring_attention"`` attention implementation. Only
+        The same ``model``, switched to the ``"hf_ring_attention"`` attention implementation. Only
         this model's config changes (models built from one shared config object share it).
 
     Raises:
@@ -184,32 +275,50 @@ def patch_model(model, *, group: ProcessGroup | None = None, layout: str = "zigz
     """
     check_layout(layout)
     group_rank(group)  # raises if this process is not in the group
-    _check_supported(model)
-    settings = _Settings(group, layout, backend)
-    state = getattr(model, "_hf_ring_attention", None)
+    target = _inner_model(model)
+    _check_supported(target)
+    state = getattr(target, "_hf_ring_attention", None)
     if state is None:
-        state = _PatchState(_compat.requested_attn_implementation(model.config), settings)
-        model.set_attn_implementation(ATTN_NAME)
-        model._hf_ring_attention = state
-    state.settings = settings
-    for m in _attention_modules(model):
-        m._ring_attention = settings
+        scope = _ForwardScope()
+        decoder = target.base_model
+        hooks = [decoder.register_forward_pre_hook(scope.open, with_kwargs=True),
+                 decoder.register_forward_hook(scope.close, with_kwargs=True, always_call=True)]
+        state = _PatchState(_compat.requested_attn_implementation(target.config), scope, hooks)
+        target._hf_ring_attention = state
+    elif target.config._attn_implementation != ATTN_NAME:
+        # switched to another implementation since: that is the one to restore now
+        state.previous = _compat.requested_attn_implementation(target.config)
+    if target.config._attn_implementation != ATTN_NAME:
+        target.set_attn_implementation(ATTN_NAME)
+    state.settings = _Settings(group, layout, backend, state.scope)
+    for m in _attention_modules(target):
+        m._ring_attention = state.settings
     return model
 
 
 def unpatch_model(model):
-    """Undo :func:`patch_model`: restore the previous attention implementation exactly."""
-    state = getattr(model, "_hf_ring_attention", None)
+    """Undo :func:`patch_model`: restore the previous attention implementation exactly.
+
+    ``model`` may be the patched model or a PEFT model around it, whichever was passed to
+    :func:`patch_model`. Returns ``model``."""
+    target = _inner_model(model)
+    state = getattr(target, "_hf_ring_attention", None)
     if state is None:
         return model
-    _compat.restore_attn_implementation(model.config, state.previous)
-    for m in _attention_modules(model):
+    _compat.restore_attn_implementation(target.config, state.previous)
+    for hook in state.hooks:
+        hook.remove()
+    for m in _attention_modules(target):
         if hasattr(m, "_ring_attention"):
             del m._ring_attention
-    del model._hf_ring_attention
+    del target._hf_ring_attention
     return model
 
 
 def is_patched(model) -> bool:
-    """Whether :func:`patch_model` is in effect on ``model``."""
-    return getattr(model, "_hf_ring_attention", None) is not None
+    """Whether ``model`` (or the base model of a PEFT model) runs ring attention: patched by
+    :func:`patch_model` and still set to its attention implementation."""
+    target = _inner_model(model)
+    config = getattr(target, "config", None)
+    return (getattr(target, "_hf_ring_attention", None) is not None
+            and getattr(config, "_attn_implementation", None) == ATTN_NAME)

@@ -40,11 +40,13 @@ def test_bad_environment_variable_is_named_as_the_source(monkeypatch, value, mes
         resolve_cp_size(None, 8)
 
 
-def test_setup_refuses_unknown_layout_and_negative_check_count():
+def test_setup_refuses_unknown_layout_and_a_check_count_instead_of_a_switch():
     with pytest.raises(ValueError, match="layout='diagonal' is not supported"):
         ContextParallelSetup(layout="diagonal")
-    with pytest.raises(ValueError, match="check_batches must be >= 0, got -1"):
-        ContextParallelSetup(check_batches=-1)
+    # check_batches was a number of batches; it is now on (every batch) or off
+    with pytest.raises(TypeError, match="check_batches must be True .* or False, got 2"):
+        ContextParallelSetup(check_batches=2)
+    assert ContextParallelSetup().check_batches is True
 
 
 @pytest.mark.parametrize("world, cp, replicas, names, shape", [

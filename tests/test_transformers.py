@@ -163,3 +163,103 @@ def test_bad_batches_are_refused_with_their_values():
                          "attention_mask": torch.tensor([[0, 1, 1, 1], [1, 0, 1, 0]])})
     with pytest.raises(ValueError, match="layout='ring'"):
         hra.shard_batch({"input_ids": torch.zeros(1, 4, dtype=torch.long)}, layout="ring")
+
+
+# ------------------------------------------------------------------ world size 1, plain batches
+def test_interior_padding_without_shard_batch_is_refused():
+    model = hra.patch_model(tiny_model("llama"))
+    ids = torch.randint(0, 96, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, 3:5] = 0  # a gap inside row 1: the unpatched model would attend across it
+    with pytest.raises(ValueError, match="row 1 of attention_mask has padding between its tokens"):
+        model(input_ids=ids, attention_mask=mask)
+
+
+def _packed_and_padded():
+    """Two rows of packed documents (restarting position_ids) that also carry an attention_mask:
+    row 1 is right-padded."""
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 96, (2, 20), generator=gen)
+    pos = torch.tensor([list(range(7)) + list(range(13)), list(range(9)) + list(range(8)) + [0, 0, 0]])
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[1, 17:] = 0
+    labels = ids.masked_fill((mask == 0) | (pos == 0), -100)
+    return {"input_ids": ids, "position_ids": pos, "attention_mask": mask, "labels": labels}
+
+
+def test_packed_rows_with_attention_mask_keep_their_documents_separate():
+    """Restarting position_ids mean separate documents, with or without an attention_mask: the
+    patched model equals the unpatched model given the documents without the mask (transformers
+    then separates them, as its flash-attention path and DataCollatorWithFlattening do). sdpa and
+    eager with the mask would let the documents attend to each other."""
+    reference = tiny_model("llama")
+    patched = hra.patch_model(copy.deepcopy(reference))
+    batch = _packed_and_padded()
+    mask = batch["attention_mask"].bool()
+    separate = reference(**reference_kwargs({k: v for k, v in batch.items() if k != "attention_mask"}))
+    across = reference(**reference_kwargs(batch))
+    plain = patched(**reference_kwargs(batch))
+    local = hra.shard_batch(batch)
+    sharded = patched(**local)
+    for out, logits in ((plain, plain.logits), (sharded, local["ring_batch"].gather(sharded.logits))):
+        assert rel_err(logits[mask], separate.logits[mask]) <= TOL
+        assert abs(out.loss.item() - separate.loss.item()) <= TOL * separate.loss.item()
+    # the difference the choice makes is far above the tolerance
+    assert rel_err(across.logits[mask], separate.logits[mask]) > 100 * TOL
+
+
+def test_plain_batch_structure_is_built_once_per_forward(monkeypatch):
+    import hf_ring_attention.transformers as integration
+
+    built = []
+    original = integration._single_rank_batch
+    monkeypatch.setattr(integration, "_single_rank_batch", lambda *a: built.append(1) or original(*a))
+    model = hra.patch_model(tiny_model("llama"))
+    assert model.config.num_hidden_layers == 2
+    for batch in batches().values():
+        model(**reference_kwargs(batch))
+    assert len(built) == 3  # one per forward pass, not one per layer
+    scope = model.model.layers[0].self_attn._ring_attention.scope
+    assert scope.entries is None and scope.depth == 0  # closed after the forward
+    with pytest.raises(ValueError, match="padding between"):
+        model(input_ids=torch.zeros(1, 5, dtype=torch.long), attention_mask=torch.tensor([[1, 0, 1, 1, 1]]))
+    assert scope.entries is None and scope.depth == 0  # closed after a forward that raised
+
+
+def test_plain_batch_gradients_with_activation_checkpointing():
+    """Checkpointed layers are recomputed in the backward pass, outside the forward's scope: the
+    structure is rebuilt there, and the gradients stay exact."""
+    reference = tiny_model("mistral")
+    patched = hra.patch_model(copy.deepcopy(reference))
+    patched.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    patched.train()
+    reference.train()
+    batch = _packed_and_padded()
+    reference(**reference_kwargs({k: v for k, v in batch.items() if k != "attention_mask"})).loss.backward()
+    patched(**reference_kwargs(batch)).loss.backward()
+    for (name, p), q in zip(reference.named_parameters(), patched.parameters()):
+        assert rel_err(q.grad, p.grad) <= TOL, name
+
+
+def test_a_deep_copy_of_a_patched_model_is_patched_on_its_own():
+    model = hra.patch_model(tiny_model("llama"))
+    clone = copy.deepcopy(model)
+    assert hra.is_patched(clone)
+    hra.unpatch_model(clone)
+    assert not hra.is_patched(clone) and not clone.model._forward_pre_hooks and not clone.model._forward_hooks
+    assert hra.is_patched(model) and model.model._forward_pre_hooks  # the original keeps its patch
+    batch = batches()["packed"]
+    assert torch.equal(model(**reference_kwargs(batch)).logits, hra.patch_model(clone)(**reference_kwargs(batch)).logits)
+
+
+def test_an_attention_mask_other_than_the_shards_is_refused():
+    model = hra.patch_model(tiny_model("llama"))
+    batch = batches()["right padding"]
+    local = hra.shard_batch(batch)
+    model(**local)  # its own mask (all True at world size 1) passes
+    wrong = local["attention_mask"].clone()
+    wrong[0, 3] = False
+    with pytest.raises(ValueError, match="pass the attention_mask it returns unchanged"):
+        model(**{**local, "attention_mask": wrong})
+    with pytest.raises(ValueError, match="pass the attention_mask it returns unchanged"):
+        model(**{**local, "attention_mask": batch["attention_mask"]})  # the full batch's mask
