@@ -60,10 +60,19 @@ class Family:
     refused: Refusal | None = None
 
 
-REGISTRY: dict[str, Family] = {}
-"""Families that need special handling, by ``config.model_type``. Empty while the generic check
-decides every family of the tested transformers versions; ``tests/test_families.py`` shows which
-family would need an entry (one the check accepts but that differs from the unpatched model)."""
+_DRAFT = Family(Refusal(
+    "draft model (reads the target's key/values)",
+    "it is a draft model for speculative decoding whose attention reads the key/value states of its target "
+    "model (shared_kv_states), which the ring does not shard",
+))
+
+REGISTRY: dict[str, Family] = {
+    "gemma4_assistant": _DRAFT,
+    "gemma4_unified_assistant": _DRAFT,
+}
+"""Families that need special handling, by ``config.model_type``. ``tests/test_families.py``
+shows which family needs an entry: one the check accepts but that differs from the unpatched
+model."""
 
 
 # ------------------------------------------------------------------------------ the check
@@ -90,6 +99,7 @@ def refusals(model, world_size: int = 1) -> list[Refusal]:
     found = [
         _head(model),
         _cross_attention(config, text),
+        _multimodal(config),
         _keyword_arguments(model, modules),
         _layer_types(text),
         *_attention_modules(model, modules),
@@ -97,7 +107,7 @@ def refusals(model, world_size: int = 1) -> list[Refusal]:
         *_attention_features(text, modules),
         _router_aux_loss(text, world_size),
     ]
-    for model_type in dict.fromkeys((getattr(config, "model_type", None), getattr(text, "model_type", None))):
+    for model_type in dict.fromkeys((_get(config, "model_type", None), _get(text, "model_type", None))):
         family = REGISTRY.get(model_type)
         if family is not None:
             found.append(family.refused)
@@ -139,10 +149,25 @@ def _head(model) -> Refusal | None:
 
 
 def _cross_attention(config, text) -> Refusal | None:
-    if getattr(config, "is_encoder_decoder", False) or getattr(text, "add_cross_attention", False):
+    if _get(config, "is_encoder_decoder", False) or _get(text, "add_cross_attention", False):
         return Refusal("cross-attention", "it has cross-attention (an encoder-decoder model); ring attention "
                                           "computes causal self-attention only")
     return None
+
+
+_ENCODERS = ("vision_config", "audio_config", "speech_config", "vq_config")
+
+
+def _multimodal(config) -> Refusal | None:
+    encoders = [name for name in _ENCODERS if _get(config, name) is not None]
+    if not encoders:
+        return None
+    return Refusal(
+        "multimodal (text batches only)",
+        f"it has an encoder for another modality (config.{encoders[0]}); shard_batch shards text batches only "
+        f"(no pixel or audio values), and the encoder's attention would also be switched to the ring. Fine-tune "
+        f"the text model (the causal LM of its text config) instead",
+    )
 
 
 def _keyword_arguments(model, modules) -> Refusal | None:
@@ -171,7 +196,7 @@ def _keyword_arguments(model, modules) -> Refusal | None:
 
 
 def _layer_types(text) -> Refusal | None:
-    others = sorted(set(getattr(text, "layer_types", None) or ()) - set(SUPPORTED_LAYER_TYPES))
+    others = sorted(set(_get(text, "layer_types", None) or ()) - set(SUPPORTED_LAYER_TYPES))
     if not others:
         return None
     return Refusal(
@@ -203,7 +228,7 @@ def _rope_types(rope) -> list[str]:
 
 def _positions(model, text) -> list[Refusal]:
     found = []
-    rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None)
+    rope = _get(text, "rope_parameters", None) or _get(text, "rope_scaling", None)
     for rope_type in dict.fromkeys(_rope_types(rope)):
         if any(kind in rope_type for kind in LENGTH_DEPENDENT_ROPE_TYPES):
             found.append(Refusal(
@@ -216,8 +241,8 @@ def _positions(model, text) -> list[Refusal]:
             found.append(Refusal(f"rope_type {rope_type!r}",
                                  f"rope_type={rope_type!r} is not known to depend on positions only "
                                  f"({', '.join(POSITIONAL_ROPE_TYPES)} are)"))
-    alibi = getattr(text, "alibi", False) or getattr(getattr(text, "attn_config", None), "alibi", False)
-    if alibi or getattr(text, "position_embedding_type", None) not in (None, "absolute", "rope", "rotary"):
+    alibi = _get(text, "alibi", False) or _get(_get(text, "attn_config", None), "alibi", False)
+    if alibi or _get(text, "position_embedding_type", None) not in (None, "absolute", "rope", "rotary"):
         found.append(Refusal("position bias (ALiBi or relative)",
                              "it adds a position bias to the attention scores (ALiBi or relative positions), which "
                              "the ring's kernels do not take"))
@@ -244,7 +269,7 @@ def _attention_features(text, modules) -> list[Refusal]:
                     f"attention does not use); if no document is longer than {window} tokens the window has no "
                     f"effect: set config.sliding_window = None",
                 ))
-    softcap = getattr(text, "attn_logit_softcapping", None)
+    softcap = _get(text, "attn_logit_softcapping", None)
     if softcap is None:
         softcap = next((m.attn_logit_softcapping for m in modules
                         if getattr(m, "attn_logit_softcapping", None) is not None), None)
@@ -254,10 +279,10 @@ def _attention_features(text, modules) -> list[Refusal]:
                              f"ring attention yet"))
     if any(getattr(m, "sinks", None) is not None for m in modules):
         found.append(Refusal("attention sinks (not yet)", "attention sinks are not supported by ring attention yet"))
-    v_dim = getattr(text, "v_head_dim", None)
-    qk_dim = getattr(text, "qk_head_dim", None)
-    if qk_dim is None and getattr(text, "qk_nope_head_dim", None) is not None:
-        qk_dim = text.qk_nope_head_dim + (getattr(text, "qk_rope_head_dim", None) or 0)
+    v_dim = _get(text, "v_head_dim", None)
+    qk_dim = _get(text, "qk_head_dim", None)
+    if qk_dim is None and _get(text, "qk_nope_head_dim", None) is not None:
+        qk_dim = _get(text, "qk_nope_head_dim") + (_get(text, "qk_rope_head_dim", None) or 0)
     if v_dim is not None and qk_dim is not None and v_dim != qk_dim:
         found.append(Refusal("value head dim differs (MLA)",
                              f"its value head dim ({v_dim}) differs from its query/key head dim ({qk_dim}) "
@@ -265,26 +290,38 @@ def _attention_features(text, modules) -> list[Refusal]:
     return found
 
 
+ROUTER_AUX_LOSS = (
+    "output_router_logits=True adds the mixture-of-experts router's auxiliary load-balancing loss, a product "
+    "of two means over all tokens of the batch, which each rank of the ring would compute over its own tokens "
+    "only (and the loss scaling of the training loop would count it once per rank). The router logits "
+    "themselves are exact: each token's routing depends on that token alone; only this loss term is not. "
+    "Turn it off: model.config.output_router_logits = False, and do not pass output_router_logits=True"
+)
+"""Why the router's auxiliary loss is refused on more than one rank (at patch time and per call)."""
+
+
 def _router_aux_loss(text, world_size: int) -> Refusal | None:
-    if world_size > 1 and getattr(text, "output_router_logits", False):
-        return Refusal(
-            "router auxiliary loss (output_router_logits=True)",
-            "config.output_router_logits=True adds the mixture-of-experts router's auxiliary load-balancing "
-            "loss, a product of two means over all tokens of the batch, which each rank would compute over its "
-            "own tokens only. The routing itself is exact (each token's router logits depend on that token "
-            "alone); only this loss term is not. Turn it off with model.config.output_router_logits = False "
-            "(and do not pass output_router_logits=True to the model)",
-        )
+    if world_size > 1 and _get(text, "output_router_logits", False):
+        return Refusal("router auxiliary loss (output_router_logits=True)", f"config.{ROUTER_AUX_LOSS}")
     return None
 
 
 # ------------------------------------------------------------------------------- helpers
+def _get(config, name: str, default=None):
+    """``getattr`` that also survives configs whose per-layer fields refuse a global read
+    (transformers' heterogeneous configs raise their own error, not ``AttributeError``)."""
+    try:
+        return getattr(config, name, default)
+    except Exception:  # noqa: BLE001
+        return default
+
+
 def _sliding_window(text) -> int | None:
     """The sliding window some layer of the model uses (None: none)."""
-    window = getattr(text, "sliding_window", None)
-    if not window or getattr(text, "use_sliding_window", True) is False:
+    window = _get(text, "sliding_window", None)
+    if not window or _get(text, "use_sliding_window", True) is False:
         return None
-    layer_types = getattr(text, "layer_types", None)
+    layer_types = _get(text, "layer_types", None)
     if layer_types is not None and "sliding_attention" not in layer_types:
         return None
     return window

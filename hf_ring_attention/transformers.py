@@ -20,7 +20,7 @@ from transformers.utils import logging
 from . import _compat
 from .batch import RingBatch, batch_structure, document_starts
 from .distributed import group_rank, group_size
-from .families import attention_modules, check_model
+from .families import ROUTER_AUX_LOSS, attention_modules, check_model
 from .layout import check_layout
 from .ring import ring_attention_with_plan
 
@@ -98,12 +98,7 @@ def _refuse_unsupported(module, query, key, dropout, kwargs) -> None:
     if kwargs.get("position_bias") is not None:
         raise NotImplementedError("additive position bias is not supported by ring attention")
     if kwargs.get("output_router_logits") and group_size(module._ring_attention.group) > 1:
-        raise NotImplementedError(
-            "output_router_logits=True adds the mixture-of-experts auxiliary load-balancing loss, which "
-            "each rank of the ring would compute over its own tokens only (the router logits themselves "
-            "are exact); do not pass output_router_logits=True, and keep model.config.output_router_logits "
-            "= False"
-        )
+        raise NotImplementedError(ROUTER_AUX_LOSS)
     if kwargs.get("output_attentions"):
         raise NotImplementedError("ring attention never materialises attention weights: output_attentions=True is not supported")
     if not getattr(module, "is_causal", True) or kwargs.get("is_causal") is False:
