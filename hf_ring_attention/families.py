@@ -21,6 +21,8 @@ import inspect
 import re
 from dataclasses import dataclass
 
+from . import _compat
+
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
 """Values of ``config.layer_types`` the ring computes: causal attention, with or without a window."""
 
@@ -137,7 +139,7 @@ _HEADS = {
 def _head(model) -> Refusal | None:
     """A head other than a causal LM. transformers' ``loss_type`` is None for base models and
     ``...LMHeadModel`` classes, whose loss is the causal-LM loss."""
-    loss_type = getattr(model, "loss_type", None)
+    loss_type = _compat.loss_type(model)
     if loss_type in (None, "ForCausalLM", "ForConditionalGeneration"):
         return None
     why = _HEADS.get(loss_type, f"its loss ({loss_type}) is not the causal-LM loss that shard_batch prepares")
@@ -176,7 +178,13 @@ def _keyword_arguments(model, modules) -> Refusal | None:
     the last hop, a layer calling its attention module, is also read from the layer's source,
     because a layer that drops them is a silent bug of that family."""
     cls = type(model)
-    if hasattr(cls, "is_backend_compatible") and not cls.is_backend_compatible():
+    if not _compat.can_switch_attention(cls):
+        return Refusal(
+            "attention implementation cannot be switched",
+            f"transformers cannot switch {cls.__name__} to another attention implementation (its attention does not "
+            f"look its function up in the attention interface), so the ring would never run",
+        )
+    if not _compat.passes_kwargs_to_attention(cls):
         return Refusal(
             "keyword arguments do not reach attention",
             f"{cls.__name__} does not pass keyword arguments through its layers to the attention function "

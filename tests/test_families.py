@@ -35,8 +35,10 @@ END = "<!-- end of support table -->"
 # The ring in float32 against the unpatched model in float64: float32 rounding (a few ulps per
 # operation, amplified through two small layers) stays below 1e-5 relative.
 TOL = 1e-5
-WINDOW = 7  # sliding window of every family that has one: wider than some shards, narrower than others
 DOCUMENTS = [[13, 1, 22], [3, 17, 16]]  # two packed rows of 36 tokens, a one-token document among them
+# The sliding window of every family that has one: at P = 2 zigzag cuts these documents into
+# chunks of 1 to 6 tokens, so the window is wider than most chunks and narrower than the largest.
+WINDOW = 5
 VOCAB = 96
 MAX_PARAMS = 2_000_000  # a tiny config larger than this means the shrinking missed a size
 
@@ -60,7 +62,6 @@ OVERRIDES: dict[str, dict] = {
     "gpt_neo": dict(attention_types=[[["global", "local"], 1]]),
     "gemma3n_text": dict(num_kv_shared_layers=0, vocab_size_per_layer_input=VOCAB, hidden_size_per_layer_input=8),
     "gemma4": dict(text_config=dict(vocab_size_per_layer_input=VOCAB, hidden_size_per_layer_input=8)),
-    "gemma4_assistant": dict(text_config=dict(hidden_size_per_layer_input=0)),
     "gemma4_text": dict(vocab_size_per_layer_input=VOCAB, hidden_size_per_layer_input=8),
     "dots3_note": dict(num_key_value_heads=4),
     "dots3_note_text": dict(num_key_value_heads=4),
@@ -188,8 +189,7 @@ def families() -> tuple[Row, ...]:
                 try:
                     model = build(model_type, class_name, device="meta")
                 except Exception as e:  # noqa: BLE001 - reported in the table with the error
-                    message = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                    rows.append(Row(model_type, class_name, [], untested=f"{type(e).__name__}: {message}"))
+                    rows.append(Row(model_type, class_name, [], untested=f"{type(e).__name__} building it"))
                     continue
                 reasons = refusals(model, world_size=2)
                 size = sum(p.numel() for p in model.parameters())
@@ -214,7 +214,8 @@ def support_table() -> str:
         f"tiny config for them). Tested: a tiny random config with the family's layer pattern and a sliding "
         f"window of {WINDOW} where it has one, 2 ranks, two rows of packed documents of lengths "
         f"{DOCUMENTS[0]} and {DOCUMENTS[1]}; the loss and every gradient (float32) within {TOL:g} of the "
-        f"unpatched model run document by document.",
+        f"unpatched model in float64 run document by document, or within twice the unpatched model's own "
+        f"float32 error where that is larger (ill-conditioned families: Gemma 4 attends with scale 1.0).",
         "",
         "| supported model type | class | attention layers |",
         "| --- | --- | --- |",
@@ -230,7 +231,7 @@ def support_table() -> str:
     ]
     if untested:
         lines += ["", "Not checked (no tiny config could be built): "
-                  + ", ".join(f"`{r.model_type}` ({_cell(r.untested[:80])})" for r in untested) + "."]
+                  + ", ".join(f"`{r.model_type}` ({_cell(r.untested)})" for r in untested) + "."]
     return "\n".join(lines)
 
 
