@@ -65,6 +65,7 @@ OVERRIDES: dict[str, dict] = {
     "gemma4_text": dict(vocab_size_per_layer_input=VOCAB, hidden_size_per_layer_input=8),
     "dots3_note": dict(num_key_value_heads=4),
     "dots3_note_text": dict(num_key_value_heads=4),
+    "lfm2": dict(layer_types=["conv", "full_attention"]),  # the checkpoints' pattern (the default has no conv)
     "lfm2_moe": dict(layer_types=["conv", "full_attention"]),
     "cohere_compass_text": dict(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
     "dbrx": dict(d_model=32, attn_config={"rope_theta": 10000.0, "kv_n_heads": 2, "clip_qkv": 8.0},
