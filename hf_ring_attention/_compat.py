@@ -54,6 +54,28 @@ def initialising_trainer(callback):
     return None
 
 
+def passes_kwargs_to_attention(model_class) -> bool:
+    """Whether transformers declares that ``model_class`` passes the keyword arguments of its
+    ``forward`` through every module to the attention function (``_supports_attention_backend``,
+    read through the public classmethod ``is_backend_compatible``). True when it cannot tell."""
+    check = getattr(model_class, "is_backend_compatible", None)
+    return True if check is None else bool(check())
+
+
+def can_switch_attention(model_class) -> bool:
+    """Whether ``set_attn_implementation`` really switches ``model_class`` (transformers only
+    warns, and leaves the config unchanged, when its attention does not look its function up in
+    ``ALL_ATTENTION_FUNCTIONS``; ``_can_set_attn_implementation`` reads the modeling source)."""
+    check = getattr(model_class, "_can_set_attn_implementation", None)
+    return True if check is None else bool(check())
+
+
+def loss_type(model) -> str | None:
+    """The kind of head transformers derived from the class name (``"ForCausalLM"``,
+    ``"ForSequenceClassification"``, ...; None for base models and ``...LMHeadModel``)."""
+    return getattr(model, "loss_type", None)
+
+
 # -------------------------------------------------------------------------------- accelerate
 # Checked against accelerate 1.10.0, 1.10.1 and 1.15.0.
 
@@ -151,6 +173,27 @@ def _probe_initialising_trainer() -> bool:
     return found == [trainer] and hasattr(trainer, "data_collator")
 
 
+def _tiny_llama():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):
+        return LlamaForCausalLM(LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                                            num_attention_heads=2, num_key_value_heads=1))
+
+
+def _probe_attention_capabilities() -> bool:
+    from transformers import LlamaForCausalLM, PreTrainedModel
+
+    return (hasattr(PreTrainedModel, "is_backend_compatible") and LlamaForCausalLM.is_backend_compatible() is True
+            and hasattr(PreTrainedModel, "_can_set_attn_implementation")
+            and LlamaForCausalLM._can_set_attn_implementation() is True)
+
+
+def _probe_loss_type() -> bool:
+    return loss_type(_tiny_llama()) == "ForCausalLM"
+
+
 def _probe_state_mesh() -> bool:
     import inspect
 
@@ -210,6 +253,8 @@ PROBES: dict[str, Callable[[], bool]] = {
     "transformers.masking_utils.flash_attention_mask": _probe_mask_function,
     "transformers Trainer.__init__ calls callback_handler.on_init_end (the callback finds its Trainer)":
         _probe_initialising_trainer,
+    "transformers PreTrainedModel.is_backend_compatible and _can_set_attn_implementation": _probe_attention_capabilities,
+    "transformers PreTrainedModel.loss_type": _probe_loss_type,
     "accelerate AcceleratorState.device_mesh": _probe_state_mesh,
     "accelerate DataLoaderShard.end_of_dataloader": _probe_end_of_dataloader,
     "accelerate AcceleratedScheduler internals (split_batches, step_with_optimizer, gradient_state."

@@ -192,13 +192,19 @@ def shard_batch(
         out[real_packed] = values.flatten()[real_flat]
         return out
 
+    # Layout padding repeats its document's last real token: it never attends nor is attended to,
+    # but a padding id whose embedding is zero (padding_idx) makes degenerate activations whose
+    # backward is 0 * inf = NaN in some models (Gemma 3n's AltUp magnitudes).
+    last_real = torch.full((total,), -1, dtype=torch.long)
+    last_real[real_packed] = real_packed
+    last_real = torch.cummax(last_real, 0).values
     local = local_indices(bounds, layout, world_size, rank)
     device = batch["input_ids"].device
     real = torch.zeros(total, dtype=torch.bool)
     real[real_packed] = True
     local_mask = real[local]
     out = {
-        "input_ids": packed(input_ids, 0)[local][None].to(device),
+        "input_ids": packed(input_ids, 0)[last_real][local][None].to(device),
         "position_ids": packed(pos, 0)[local][None].to(device),
         "attention_mask": local_mask[None].to(device),
         "use_cache": False,

@@ -21,6 +21,7 @@ from transformers.utils import logging
 from . import _compat
 from .batch import RingBatch, batch_structure, check_edge_padding, check_same_batch, document_starts
 from .distributed import group_rank, group_size
+from .families import ROUTER_AUX_LOSS, attention_modules, check_model
 from .layout import check_layout
 from .ring import ring_attention_with_plan
 
@@ -32,8 +33,6 @@ logger = logging.get_logger(__name__)
 ATTN_NAME = "hf_ring_attention"
 """The name under which the ring is registered in transformers' attention and mask interfaces.
 It must not contain "flash": transformers treats such names as flash-attention kernels to load."""
-
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 # ------------------------------------------------------------------------ the attention
@@ -167,11 +166,13 @@ def _refuse_unsupported(module, query, key, dropout, kwargs) -> None:
             f"the random state of every block); set config.attention_dropout = 0.0"
         )
     if kwargs.get("softcap") is not None:
-        raise NotImplementedError("attention logit softcapping is not supported by ring attention")
+        raise NotImplementedError("attention logit softcapping is not supported by ring attention yet")
     if kwargs.get("s_aux") is not None:
-        raise NotImplementedError("attention sinks are not supported by ring attention")
+        raise NotImplementedError("attention sinks are not supported by ring attention yet")
     if kwargs.get("position_bias") is not None:
         raise NotImplementedError("additive position bias is not supported by ring attention")
+    if kwargs.get("output_router_logits") and group_size(module._ring_attention.group) > 1:
+        raise NotImplementedError(ROUTER_AUX_LOSS)
     if kwargs.get("output_attentions"):
         raise NotImplementedError("ring attention never materialises attention weights: output_attentions=True is not supported")
     if not getattr(module, "is_causal", True) or kwargs.get("is_causal") is False:
@@ -226,39 +227,25 @@ def _inner_model(model):
 
 
 def _attention_modules(model):
-    return [m for m in model.modules() if hasattr(m, "num_key_value_groups") and hasattr(m, "is_causal")]
+    return attention_modules(model)
 
 
-def _check_supported(model) -> None:
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise NotImplementedError(
-            f"patch_model supports model types {SUPPORTED_MODEL_TYPES}, got {model_type!r} "
-            f"({type(model).__name__})"
-        )
-    if getattr(config, "attn_logit_softcapping", None) is not None:
-        raise NotImplementedError(
-            f"attention logit softcapping (attn_logit_softcapping={config.attn_logit_softcapping}) is not "
-            f"supported by ring attention"
-        )
-    modules = _attention_modules(model)
-    if not modules:
-        raise NotImplementedError(f"found no attention modules in {type(model).__name__}")
-    for m in modules:
-        if getattr(m, "sinks", None) is not None:
-            raise NotImplementedError("attention sinks are not supported by ring attention")
-        if not m.is_causal:
-            raise NotImplementedError(f"{type(m).__name__} is not causal; ring attention supports causal self-attention only")
+def _check_supported(model, group) -> None:
+    """Refuse, at patch time, a model that ring attention cannot compute exactly (see
+    :mod:`hf_ring_attention.families`)."""
+    check_model(model, world_size=group_size(group))
 
 
 def patch_model(model, *, group: ProcessGroup | None = None, layout: str = "zigzag", backend: str | None = None):
     """Make a transformers causal LM use ring attention. Idempotent; see :func:`unpatch_model`.
 
     Args:
-        model (`PreTrainedModel` or `PeftModel`): a Llama, Mistral, Qwen2 or Qwen3 causal LM (or
-            base model), or a PEFT model around one (its base model is patched, before or after
-            ``get_peft_model``; ``merge_and_unload()`` then returns the patched model).
+        model (`PreTrainedModel` or `PeftModel`): a transformers causal LM (or base model) whose
+            attention ring attention can compute exactly: causal self-attention through
+            transformers' attention interface, rotary or no positions, optional sliding windows
+            (see :mod:`hf_ring_attention.families` and the README's support table); or a PEFT
+            model around one (its base model is patched, before or after ``get_peft_model``;
+            ``merge_and_unload()`` then returns the patched model).
         group (`ProcessGroup`, *optional*): the context-parallel group (None: default group).
         layout (`str`): ``"zigzag"`` (default), ``"contiguous"`` or ``"striped"``; shard batches
             with the same layout (:func:`shard_batch`).
@@ -271,12 +258,13 @@ def patch_model(model, *, group: ProcessGroup | None = None, layout: str = "zigz
 
     Raises:
         NotImplementedError: for models or features ring attention cannot compute exactly
-            (other model types, softcapping, attention sinks, non-causal attention).
+            (every reason is named: other heads, cross-attention, recurrent or other layer types,
+            sequence-length dependent rotary types, softcapping, attention sinks, ...).
     """
     check_layout(layout)
     group_rank(group)  # raises if this process is not in the group
     target = _inner_model(model)
-    _check_supported(target)
+    _check_supported(target, group)
     state = getattr(target, "_hf_ring_attention", None)
     if state is None:
         scope = _ForwardScope()

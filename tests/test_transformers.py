@@ -6,11 +6,13 @@ import copy
 import pytest
 import torch
 import torch.distributed as dist
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import (
+    GPT2Config, GPT2LMHeadModel, LlamaForSequenceClassification, LlamaForTokenClassification, LlamaModel,
+)
 
 import hf_ring_attention as hra
 from helpers import rel_err, spawn
-from models import batches, reference_kwargs, tiny_model
+from models import COMMON, batches, reference_kwargs, tiny_model
 
 # float32 against float32: both sides round differently (block-wise softmax here, one softmax
 # there), a few ulps amplified through two layers; 1e-5 relative is far below any real error.
@@ -108,9 +110,98 @@ def test_shift_labels_drop_targets_at_document_ends_and_padding():
 
 
 # ------------------------------------------------------------------------ refusals
-def test_unsupported_model_type_is_refused_at_patch_time():
-    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32))
-    with pytest.raises(NotImplementedError, match="model types .* got 'gpt2'"):
+def test_support_is_decided_by_capability_not_by_model_type():
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32))
+    assert hra.is_patched(hra.patch_model(gpt2))  # learned absolute positions through position_ids
+    decoder = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, add_cross_attention=True))
+    with pytest.raises(NotImplementedError, match="cross-attention"):
+        hra.patch_model(decoder)
+    model = tiny_model("llama")
+    model.config.layer_types = ["linear_attention", "full_attention"]
+    with pytest.raises(NotImplementedError, match="layers of type linear_attention"):
+        hra.patch_model(model)
+
+
+def test_heads_other_than_causal_lm_are_refused_at_patch_time_with_the_reason():
+    config = tiny_model("llama").config
+    with pytest.raises(NotImplementedError, match="pools the last real token of each row"):
+        hra.patch_model(LlamaForSequenceClassification(config))
+    with pytest.raises(NotImplementedError, match="shard_batch shifts labels"):
+        hra.patch_model(LlamaForTokenClassification(config))
+    assert hra.is_patched(hra.patch_model(LlamaModel(config)))  # the base model: no head
+
+
+@pytest.mark.parametrize("rope_type", ["dynamic", "longrope"])
+def test_rotary_types_that_depend_on_the_sequence_length_are_refused_at_patch_time(rope_type):
+    model = tiny_model("llama")
+    rope = {"rope_type": rope_type, "rope_theta": 10000.0, "factor": 2.0}
+    if rope_type == "longrope":
+        rope.update(short_factor=[1.0] * 4, long_factor=[2.0] * 4, original_max_position_embeddings=16)
+    model.config.rope_parameters = rope
+    with pytest.raises(NotImplementedError, match=f"rope_type='{rope_type}' computes its frequencies from the largest"):
+        hra.patch_model(model)
+
+
+def _tiny_mixtral(router_logits: bool):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    return MixtralForCausalLM(MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2,
+                                            output_router_logits=router_logits))
+
+
+def _router_aux_loss_refusals(rank, world_size):
+    model = _tiny_mixtral(router_logits=True)
+    reference = copy.deepcopy(model)
+    with pytest.raises(NotImplementedError, match="router logits themselves are exact"):
+        hra.patch_model(model)
+    assert not hra.is_patched(model)
+    model.config.output_router_logits = False
+    hra.patch_model(model)
+    batch = batches()["packed"]
+    local = hra.shard_batch(batch)
+    with pytest.raises(NotImplementedError, match="do not pass output_router_logits=True"):
+        model(**local, output_router_logits=True)
+    # refused before any communication: the group still works, and without the auxiliary loss the
+    # ring gives the language-model loss of the unpatched model
+    loss = model(**local).loss.detach()
+    dist.all_reduce(loss)
+    ref = reference(**reference_kwargs(batch), output_router_logits=False).loss
+    assert abs(loss.item() - ref.item()) <= TOL * ref.item()
+
+
+@pytest.mark.distributed
+def test_router_auxiliary_loss_is_refused_on_every_rank_before_any_communication():
+    spawn(_router_aux_loss_refusals, 2)
+
+
+def test_router_auxiliary_loss_is_exact_on_one_rank():
+    reference = _tiny_mixtral(router_logits=True)
+    patched = hra.patch_model(copy.deepcopy(reference))
+    batch = batches()["one sequence"]
+    ref = reference(**reference_kwargs(batch))
+    out = patched(**hra.shard_batch(batch))
+    assert ref.aux_loss is not None and abs(out.aux_loss.item() - ref.aux_loss.item()) <= TOL * ref.aux_loss.item()
+    assert abs(out.loss.item() - ref.loss.item()) <= TOL * ref.loss.item()
+
+
+def test_layers_that_do_not_pass_keyword_arguments_to_attention_are_refused_at_patch_time():
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    class Dropping(torch.nn.Module):  # a layer that calls its attention without **kwargs
+        def __init__(self, attention):
+            super().__init__()
+            self.attention = attention
+
+        def forward(self, hidden_states, **kwargs):
+            return self.attention(hidden_states)
+
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1,
+                                             num_attention_heads=2, intermediate_size=32))
+    assert hra.is_patched(hra.patch_model(model))  # GPT-NeoX style: no num_key_value_groups
+    hra.unpatch_model(model)
+    model.gpt_neox.layers[0] = Dropping(model.gpt_neox.layers[0].attention)
+    with pytest.raises(NotImplementedError, match="Dropping calls its GPTNeoXAttention without passing on"):
         hra.patch_model(model)
 
 
