@@ -88,6 +88,18 @@ class RingBatch:
             )
         return self._plans[window_size]
 
+    def prepare(self, window_sizes=(None,), device: torch.device | str | None = None) -> RingBatch:
+        """Build the plans of these sliding windows now (None: full attention), and with
+        ``device`` put their index tensors there (one non-blocking copy each, see
+        :meth:`RingPlan.upload`), so that no layer of the forward waits for planning. Plans of
+        other windows are still built on first use. The plugin and the callback call this with
+        the windows the patched model uses; returns ``self``."""
+        for window in window_sizes:
+            plan = self.plan(window)
+            if device is not None:
+                plan.upload(device)
+        return self
+
     def gather(self, x_local: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
         """This rank's per-token outputs (``[1, tokens, ...]``, e.g. logits or hidden states)
         gathered from every rank into the original batch order ``[B, S, ...]``. Positions that

@@ -129,6 +129,7 @@ class ContextParallelSetup:
     backend: str | None = None
     check_batches: bool = True
     mesh: CPMesh | None = field(default=None, init=False, repr=False)
+    model: object = field(default=None, init=False, repr=False)  # the patched transformers model
 
     def __post_init__(self):
         check_layout(self.layout)
@@ -189,13 +190,20 @@ class ContextParallelSetup:
 
         model = transformers_model(model)
         check_trainable(model)
-        return patch_model(model, group=self.group, layout=self.layout, backend=self.backend)
+        self.model = patch_model(model, group=self.group, layout=self.layout, backend=self.backend)
+        return self.model
 
     def shard(self, batch: dict) -> dict:
         """This rank's shard of a full batch (:func:`~hf_ring_attention.shard_batch`); with
         ``check_batches``, the patched model checks at its first attention layer that every rank
-        of the group was given the same batch."""
-        return shard_batch(batch, group=self.group, layout=self.layout, check=self.check_batches)
+        of the group was given the same batch. The ring plans of the windows the model attends
+        with are built here, before the forward, and put on the batch's device."""
+        from .transformers import attention_windows
+
+        local = shard_batch(batch, group=self.group, layout=self.layout, check=self.check_batches)
+        if self.model is not None:
+            local["ring_batch"].prepare(attention_windows(self.model), device=local["input_ids"].device)
+        return local
 
 
 def check_engine(accelerator_state, parallelism_config=None) -> bool:

@@ -450,6 +450,7 @@ class RingPlan:
         self.steps = plan_rank(self.bounds, self.seqused, layout, world_size, rank, causal, window_size)
         self.num_steps = count_steps(self.bounds, self.seqused, layout, world_size, causal, window_size)
         self._on_device: dict[torch.device, list[list[DeviceCall]]] = {}
+        self.agreed = False  # the ranks compared their plans and inputs (ring.py, first use)
         self._host_buffers: list[torch.Tensor] = []  # pinned sources of copies that may be in flight
 
     @property

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .agreement import check_ranks_agree
 from .distributed import group_rank, group_size
 from .kernels import Kernel, accumulate_dtype, get_kernel, resolve_scale
 from .merge import merge_, prepare
@@ -193,10 +194,21 @@ def ring_attention_with_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
             f"the plan was built for rank {plan.rank} of {plan.world_size}, but this is rank "
             f"{rank} of {world_size} in the given group"
         )
-    check_qkv(q, k, v)
-    check_tokens(q, plan.local_tokens, world_size)
-    # dtype, device and head_dim decide the kernel, or raise here, before any communication
-    kernel = get_kernel(backend, q.device, q.dtype, q.shape[-1])
+    error = None
+    try:
+        check_qkv(q, k, v)
+        check_tokens(q, plan.local_tokens, world_size)
+        # dtype, device and head_dim decide the kernel, or raise here, before any communication
+        kernel = get_kernel(backend, q.device, q.dtype, q.shape[-1])
+    except (TypeError, ValueError) as exc:
+        error = exc
+    if world_size > 1 and not plan.agreed:
+        # once per plan: the ranks compare what they were given (and learn of each other's
+        # errors), so that none computes a wrong result or waits for a message that never comes
+        check_ranks_agree(plan, q, k, group, world_size, error)
+        plan.agreed = True
+    if error is not None:
+        raise error
     prepare(q.device)  # the merge's first use on a device compiles and checks it: not mid-ring
     scale = resolve_scale(softmax_scale, q.shape[-1])
     ring = _Ring(plan.device_calls(q.device), plan.num_steps, RingComm(group, rank, world_size), kernel, scale)
@@ -259,12 +271,17 @@ def ring_attention(
     The mask is planned on the host from ``cu_seqlens`` on every call; to reuse one plan across
     layers build a :class:`RingPlan` once and call :func:`ring_attention_with_plan`.
     """
-    if dropout_p:
-        raise ValueError(f"dropout_p={dropout_p}: attention dropout is not supported by ring attention; use 0.0")
     world_size, rank = group_size(group), group_rank(group)
-    check_qkv(q, k, v)
-    plan = RingPlan(
-        cu_seqlens, world_size=world_size, rank=rank, layout=layout, causal=causal,
-        window_size=window_size, seqused=seqused, total=q.shape[0] * world_size,
-    )
+    try:
+        if dropout_p:
+            raise ValueError(f"dropout_p={dropout_p}: attention dropout is not supported by ring attention; use 0.0")
+        check_qkv(q, k, v)
+        plan = RingPlan(
+            cu_seqlens, world_size=world_size, rank=rank, layout=layout, causal=causal,
+            window_size=window_size, seqused=seqused, total=q.shape[0] * world_size,
+        )
+    except (TypeError, ValueError) as error:
+        if world_size > 1:  # the other ranks learn of it instead of waiting for this rank's blocks
+            check_ranks_agree(None, q, k, group, world_size, error)
+        raise
     return ring_attention_with_plan(q, k, v, plan, group=group, softmax_scale=softmax_scale, backend=backend)

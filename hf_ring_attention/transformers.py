@@ -10,7 +10,7 @@ attention function through the model's keyword arguments.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -75,6 +75,7 @@ class _Settings:
     layout: str
     backend: str | None
     scope: _ForwardScope
+    windows: set  # the patch state's: every window the layers attend with
 
 
 def ring_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
@@ -115,6 +116,7 @@ def ring_attention_forward(module, query, key, value, attention_mask, dropout=0.
     if unpack:
         rows = ring_batch.real_flat.to(q.device)
         q, k, v = (t.index_select(0, rows) for t in (q, k, v))
+    settings.windows.add(sliding_window)
     with torch.autocast(device_type, enabled=False) if autocast else nullcontext():
         out = ring_attention_with_plan(
             q, k, v, ring_batch.plan(sliding_window), group=settings.group, softmax_scale=scaling,
@@ -217,6 +219,9 @@ class _PatchState:
     scope: _ForwardScope
     hooks: list
     settings: _Settings | None = None
+    # the sliding windows (None: full attention) the model's layers have attended with; batches
+    # sharded by the plugin or the callback get these plans built before the forward
+    windows: set = field(default_factory=set)
 
 
 def _inner_model(model):
@@ -278,7 +283,7 @@ def patch_model(model, *, group: ProcessGroup | None = None, layout: str = "zigz
         state.previous = _compat.requested_attn_implementation(target.config)
     if target.config._attn_implementation != ATTN_NAME:
         target.set_attn_implementation(ATTN_NAME)
-    state.settings = _Settings(group, layout, backend, state.scope)
+    state.settings = _Settings(group, layout, backend, state.scope, state.windows)
     for m in _attention_modules(target):
         m._ring_attention = state.settings
     return model
@@ -301,6 +306,14 @@ def unpatch_model(model):
             del m._ring_attention
     del target._hf_ring_attention
     return model
+
+
+def attention_windows(model) -> tuple[int | None, ...]:
+    """The sliding windows (None: full attention) the layers of a model patched by
+    :func:`patch_model` have attended with so far: the plans worth building for a batch before
+    its forward (:meth:`RingBatch.prepare`). Empty before the first forward pass."""
+    state = getattr(_inner_model(model), "_hf_ring_attention", None)
+    return () if state is None else tuple(state.windows)
 
 
 def is_patched(model) -> bool:

@@ -4,6 +4,7 @@ layouts for DDP and FSDP2, and the engines refused."""
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from hf_ring_attention.cp import ENV_CP_SIZE, ContextParallelSetup, FSDP_SHARD_DIM, check_engine, mesh_layout, resolve_cp_size
 
@@ -98,3 +99,27 @@ def test_fsdp2_and_ddp_are_accepted():
     assert check_engine(SimpleNamespace(distributed_type=DistributedType.FSDP, fsdp_plugin=SimpleNamespace(fsdp_version=2)))
     assert not check_engine(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU))
     assert not check_engine(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))
+
+
+def test_batches_sharded_for_a_patched_model_get_their_plans_before_the_forward(monkeypatch):
+    import hf_ring_attention.batch as batch_module
+    from models import batches, tiny_model
+
+    cp = ContextParallelSetup()
+    model = cp.prepare_model(tiny_model("qwen2"))  # one full-attention layer and one of window 6
+    batch = batches()["packed"]
+    model(**cp.shard(batch))  # the first forward shows which windows the layers attend with
+    built = []
+
+    class CountingPlan(batch_module.RingPlan):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(kwargs["window_size"])
+
+    monkeypatch.setattr(batch_module, "RingPlan", CountingPlan)
+    local = cp.shard(batch)
+    assert sorted(built, key=str) == [6, None]
+    plans = local["ring_batch"]._plans
+    assert all(torch.device("cpu") in plan._on_device for plan in plans.values())  # uploaded
+    model(**local)
+    assert len(built) == 2  # the forward built nothing more

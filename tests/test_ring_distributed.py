@@ -104,3 +104,51 @@ def _bad_inputs(rank, world_size):
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_bad_input_raises_on_every_rank_without_hanging(world_size):
     spawn(_bad_inputs, world_size)
+
+
+# ------------------------------------------------------------------ ranks that disagree
+def _disagreeing_ranks(rank, world_size):
+    torch.manual_seed(rank)
+    odd = rank % 2 == 1
+    total = 8 * world_size
+
+    def inputs(heads=4, kv_heads=2, head_dim=8, dtype=torch.float32):
+        return (torch.randn(8, heads, head_dim, dtype=dtype), torch.randn(8, kv_heads, head_dim, dtype=dtype),
+                torch.randn(8, kv_heads, head_dim, dtype=dtype))
+
+    one_doc = torch.tensor([0, total], dtype=torch.int32)
+    two_docs = torch.tensor([0, total // 2, total], dtype=torch.int32)  # lengths still multiples of 2P
+    cases = {
+        # every rank's inputs are valid alone; only together do they disagree
+        "cu_seqlens": (lambda: ring_attention(*inputs(), two_docs if odd else one_doc),
+                       r"inconsistent inputs \(documents: rank 0: 1, rank 1: 2.*cu_seqlens digest"),
+        "head_dim": (lambda: ring_attention(*inputs(head_dim=16 if odd else 8), one_doc),
+                     r"head_dim: rank 0: 8, rank 1: 16"),
+        "layout": (lambda: ring_attention(*inputs(), one_doc, layout="striped" if odd else "zigzag"),
+                   r"layout: rank 0: 'zigzag', rank 1: 'striped'"),
+        "window": (lambda: ring_attention(*inputs(), one_doc, window_size=3 if odd else None),
+                   r"window_size: rank 0: None, rank 1: 3"),
+        "heads": (lambda: ring_attention(*inputs(heads=8 if odd else 4), one_doc),
+                  r"query heads: rank 0: 4, rank 1: 8"),
+        "seqused": (lambda: ring_attention(*inputs(), one_doc, seqused=torch.tensor([total - (1 if odd else 0)], dtype=torch.int32)),
+                    r"seqused digest"),
+    }
+    for name, (fn, pattern) in cases.items():
+        with pytest.raises(ValueError, match=pattern):
+            fn()
+            print(f"rank {rank}: {name} did not raise", flush=True)
+    # one rank's own inputs are invalid: it raises its error, the others learn of it, none hangs
+    q, k, v = inputs()
+    if rank == 0:
+        with pytest.raises(TypeError, match="share one dtype"):
+            ring_attention(q, k.double(), v.double(), one_doc)
+    else:
+        with pytest.raises(ValueError, match=r"rank\(s\) \[0\] of the context-parallel group rejected their inputs"):
+            ring_attention(q, k, v, one_doc)
+    # and the group still works
+    assert ring_attention(q, k, v, one_doc).shape == q.shape
+
+
+@pytest.mark.distributed
+def test_ranks_given_different_inputs_raise_on_every_rank_naming_the_values():
+    spawn(_disagreeing_ranks, 2)
