@@ -19,6 +19,8 @@ mean over processes is the batch's token mean.
 
 from __future__ import annotations
 
+import torch
+import torch.distributed
 from transformers import TrainerCallback, default_data_collator
 from transformers.utils import logging
 
@@ -94,13 +96,8 @@ class RingAttentionCallback(TrainerCallback):
         collator = trainer.data_collator
         if not (isinstance(collator, ShardingCollator) and collator.callback is self):
             trainer.data_collator = ShardingCollator(self, collator or default_data_collator)
-        if type(trainer).__module__.startswith("trl.") and self.cp.mesh.cp_size > 1:
-            logger.warning(
-                "TRL's trainers divide each rank's evaluation loss by that rank's own number of "
-                "targets, so with context parallelism eval_loss is the mean of the ranks' token means, "
-                "not exactly the token mean. Training losses, gradients, entropy, token accuracy and "
-                "num_tokens are exact."
-            )
+        if self.cp.mesh.cp_size > 1 and not getattr(trainer.compute_loss, "ring_group_eval_loss", False):
+            trainer.compute_loss = _group_eval_loss(trainer.compute_loss, self.cp)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         # the Trainer scales the loss for an average over all processes: FSDP2 must reduce that way
@@ -114,6 +111,36 @@ class RingAttentionCallback(TrainerCallback):
         if state.max_steps and state.global_step >= state.max_steps:
             control.should_log = True
         return control
+
+
+def _group_eval_loss(compute_loss, cp):
+    """The trainer's ``compute_loss`` (the Trainer's, or a subclass's such as TRL's), made exact in
+    evaluation, where each rank holds only its share of a batch's loss:
+
+    * it is given the group's target count when the Trainer gives none (TRL's trainers then divide
+      each rank's loss by that rank's own targets: the mean of the ranks' token means, not the
+      token mean), so that the loss is scaled as in training;
+    * the ranks of a context-parallel group then return the same value, the group's token mean
+      (one all-reduce per evaluation batch): the Trainer's evaluation loop gathers the losses of
+      all processes and, at the last batch, keeps only as many as it believes there are samples
+      left, which drops the shares of the group's other ranks.
+    """
+
+    def group_compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None):
+        ring_batch = inputs.get("ring_batch")
+        if model.training or ring_batch is None:
+            return compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if num_items_in_batch is None:
+            # the trainers multiply the loss by every process: the count covers every group
+            num_items_in_batch = max(ring_batch.num_targets, 1) * cp.mesh.dp_size
+        result = compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        loss = (result[0] if return_outputs else result).detach().clone()
+        torch.distributed.all_reduce(loss, group=cp.group)
+        loss /= cp.mesh.cp_size
+        return (loss, *result[1:]) if return_outputs else loss
+
+    group_compute_loss.ring_group_eval_loss = True
+    return group_compute_loss
 
 
 class ShardingCollator:
