@@ -262,7 +262,7 @@ def patch_model(model, *, group: ProcessGroup | None = None, layout: str = "zigz
     Raises:
         NotImplementedError: for models or features ring attention cannot compute exactly
             (every reason is named: other heads, cross-attention, recurrent or other layer types,
-            sequence-length dependent rotary types, softcapping, attention sinks, ...).
+            sequence-length dependent rotary types, softcaps or sinks the attention does not pass on, ...).
     """
     check_layout(layout)
     group_rank(group)  # raises if this process is not in the group
