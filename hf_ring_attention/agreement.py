@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # what each rank contributes, in order; a digest stands for a list too long to send
 FIELDS = ("failed", "layout", "causal", "window_size", "total tokens", "documents", "cu_seqlens digest",
-          "seqused digest", "query heads", "key/value heads", "head_dim", "dtype", "tokens on this rank")
+          "seqused digest", "query heads", "key/value heads", "head_dim", "dtype", "tokens on this rank",
+          "softcap (x 1e6)", "sinks")
 
 
 def _digest(values) -> int:
@@ -37,7 +38,7 @@ def _digest(values) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 2
 
 
-def _facts(plan: RingPlan | None, q, k, failed: bool) -> list[int]:
+def _facts(plan: RingPlan | None, q, k, failed: bool, softcap, sinks) -> list[int]:
     if plan is None:  # this rank could not even build its plan: only its failure counts
         return [1] + [-1] * (len(FIELDS) - 1)
 
@@ -50,6 +51,7 @@ def _facts(plan: RingPlan | None, q, k, failed: bool) -> list[int]:
         -1 if plan.window_size is None else plan.window_size, plan.total, len(plan.bounds) - 1,
         _digest(plan.bounds), _digest(plan.seqused or []), shape(q, 1), shape(k, 1), shape(q, 2),
         _DTYPES.index(dtype) if dtype in _DTYPES else -1, shape(q, 0),
+        round(softcap * 1e6) if isinstance(softcap, (int, float)) else -1, int(sinks is not None),
     ]
 
 
@@ -60,18 +62,21 @@ def _shown(field: str, value: int) -> str:
         return str(_DTYPES[value]) if value >= 0 else "other"
     if field == "window_size":
         return "None" if value < 0 else str(value)
+    if field == "sinks":
+        return "given" if value else "none"
     return str(value)
 
 
 def check_ranks_agree(plan: RingPlan | None, q, k, group: ProcessGroup | None, world_size: int,
-                      error: Exception | None = None) -> None:
+                      error: Exception | None = None, softcap=None, sinks=None) -> None:
     """All-gather this rank's digest of ``plan`` and the q/k shapes, and raise a ``ValueError``
     on every rank, naming the ranks and values that differ, if the ranks of ``group`` do not
     agree. ``error``: this rank's own validation failure (``plan`` may then be None), raised
     after the all-gather, so that the other ranks learn of it instead of waiting; they raise
     too."""
     device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
-    mine = torch.tensor(_facts(plan, q, k, error is not None), dtype=torch.int64, device=device)
+    facts = _facts(plan, q, k, error is not None, softcap or 0.0, sinks)
+    mine = torch.tensor(facts, dtype=torch.int64, device=device)
     every = [torch.empty_like(mine) for _ in range(world_size)]
     dist.all_gather(every, mine, group=group)
     table = torch.stack(every).tolist()  # [rank][field]
@@ -92,6 +97,6 @@ def check_ranks_agree(plan: RingPlan | None, q, k, group: ProcessGroup | None, w
         raise ValueError(
             f"ring attention: the ranks of the context-parallel group were given inconsistent "
             f"inputs ({lines}). Every rank must pass the same global cu_seqlens (and seqused), "
-            f"layout and window, and q, k, v of the same heads, head_dim and dtype, each holding "
-            f"its own shard of the same sequence."
+            f"layout, window, softcap and sinks, and q, k, v of the same heads, head_dim and dtype, "
+            f"each holding its own shard of the same sequence."
         )

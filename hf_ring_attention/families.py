@@ -277,24 +277,40 @@ def _attention_features(text, modules) -> list[Refusal]:
                     f"attention does not use); if no document is longer than {window} tokens the window has no "
                     f"effect: set config.sliding_window = None",
                 ))
-    softcap = _get(text, "attn_logit_softcapping", None)
-    if softcap is None:
-        softcap = next((m.attn_logit_softcapping for m in modules
-                        if getattr(m, "attn_logit_softcapping", None) is not None), None)
-    if softcap is not None:
-        found.append(Refusal("logit softcapping (not yet)",
-                             f"attention logit softcapping (attn_logit_softcapping={softcap}) is not supported by "
-                             f"ring attention yet"))
-    if any(getattr(m, "sinks", None) is not None for m in modules):
-        found.append(Refusal("attention sinks (not yet)", "attention sinks are not supported by ring attention yet"))
+    # A logit softcap and per-head attention sinks are exact in the ring when they reach it: as
+    # the softcap= and s_aux= keywords of the attention call (Gemma 2; GPT-OSS). One that a module
+    # holds but does not pass would be applied by transformers' eager attention, never by the ring.
+    config_cap = _get(text, "attn_logit_softcapping", None)
+    capped = {}
+    for m in modules:
+        cap = getattr(m, "attn_logit_softcapping", None)
+        if (cap if cap is not None else config_cap) is not None:
+            capped.setdefault(type(m), cap if cap is not None else config_cap)
+    for cls, cap in capped.items():
+        if "softcap=" not in (_forward_source_of_class(cls) or ""):
+            found.append(Refusal(
+                "logit softcapping not passed to the attention function",
+                f"the model sets a logit softcap (attn_logit_softcapping={cap}) but {cls.__name__}.forward does not "
+                f"pass it to the attention function (no softcap= in its source), so ring attention could not apply it",
+            ))
+    for cls in dict.fromkeys(type(m) for m in modules if getattr(m, "sinks", None) is not None):
+        if "s_aux=" not in (_forward_source_of_class(cls) or ""):
+            found.append(Refusal(
+                "attention sinks not passed to the attention function",
+                f"{cls.__name__} has attention sinks (.sinks) but its forward does not pass them to the attention "
+                f"function (no s_aux= in its source), so ring attention could not apply them",
+            ))
     v_dim = _get(text, "v_head_dim", None)
     qk_dim = _get(text, "qk_head_dim", None)
     if qk_dim is None and _get(text, "qk_nope_head_dim", None) is not None:
         qk_dim = _get(text, "qk_nope_head_dim") + (_get(text, "qk_rope_head_dim", None) or 0)
+    latent = qk_dim is not None
+    if qk_dim is None:  # MiMo-V2-Flash: head_dim for queries and keys, v_head_dim for values
+        qk_dim = _get(text, "head_dim", None)
     if v_dim is not None and qk_dim is not None and v_dim != qk_dim:
-        found.append(Refusal("value head dim differs (MLA)",
+        found.append(Refusal("value head dim differs" + (" (MLA)" if latent else ""),
                              f"its value head dim ({v_dim}) differs from its query/key head dim ({qk_dim}) "
-                             f"(multi-head latent attention); the ring's kernels take one head dim"))
+                             f"(as in multi-head latent attention); the ring's kernels take one head dim"))
     return found
 
 

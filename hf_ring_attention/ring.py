@@ -13,6 +13,11 @@ Forward, on rank r (P ranks, plan from ``plan.py``)::
 Backward recomputes every block from the merged out and lse (flash-attention style). dQ stays
 home; dK/dV of a block are accumulated in float32 while they travel around the ring with it, and
 the last hop sends them straight back to their owner.
+
+Attention sinks (GPT-OSS: one logit per query head that takes part in the softmax but has no
+value) join the merged result once, after the last step (:func:`add_sinks`); the backward then
+recomputes from the sink-merged out and lse, which is exactly the gradient of attention with a
+sink, and the sinks' own gradient comes from the same out and lse (:func:`sink_grad`).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import torch
 
 from .agreement import check_ranks_agree
 from .distributed import group_rank, group_size
-from .kernels import Kernel, accumulate_dtype, get_kernel, resolve_scale
+from .kernels import Kernel, accumulate_dtype, get_kernel, resolve_scale, resolve_softcap
 from .merge import merge_, prepare
 from .plan import DeviceCall, RingPlan, Rows
 from .transport import RingComm
@@ -51,16 +56,17 @@ def _add_rows_(acc: torch.Tensor, rows: Rows, value: torch.Tensor) -> None:
 
 
 def forward_step(q: torch.Tensor, kv: torch.Tensor, calls: list[DeviceCall], out_THD: torch.Tensor,
-                 lse_HT: torch.Tensor, kernel: Kernel, scale: float) -> None:
+                 lse_HT: torch.Tensor, kernel: Kernel, scale: float, softcap: float = 0.0) -> None:
     """Attend ``q`` to one K/V block ``kv [2, T, Hkv, D]``, merging every kernel call of the step
     into the running (out, lse)."""
     for c in calls:
         k, v = _take(kv, c.k_rows, dim=1).unbind(0)
-        block_out, block_lse = kernel.forward(_take(q, c.q_rows), k, v, c.varlen, scale)
+        block_out, block_lse = kernel.forward(_take(q, c.q_rows), k, v, c.varlen, scale, softcap=softcap)
         merge_(out_THD, lse_HT, c.q_rows, block_out, block_lse)
 
 
-def backward_step(dout, q, kv, out, lse_HT, calls: list[DeviceCall], dq_THD, kernel: Kernel, scale: float):
+def backward_step(dout, q, kv, out, lse_HT, calls: list[DeviceCall], dq_THD, kernel: Kernel, scale: float,
+                  softcap: float = 0.0):
     """Gradients for one K/V block: adds into ``dq_THD`` and returns this rank's dK/dV for the
     block as one ``[2, T, Hkv, D]`` buffer in the accumulation dtype (None when the step has no
     call)."""
@@ -71,12 +77,37 @@ def backward_step(dout, q, kv, out, lse_HT, calls: list[DeviceCall], dq_THD, ker
         k, v = _take(kv, c.k_rows, dim=1).unbind(0)
         dq_c, dk_c, dv_c = kernel.backward(
             _take(dout, c.q_rows), _take(q, c.q_rows), k, v, _take(out, c.q_rows),
-            _take(lse_HT, c.q_rows, dim=1).contiguous(), c.varlen, scale,
+            _take(lse_HT, c.q_rows, dim=1).contiguous(), c.varlen, scale, softcap=softcap,
         )
         _add_rows_(dq_THD, c.q_rows, dq_c)
         _add_rows_(dkv[0], c.k_rows, dk_c)
         _add_rows_(dkv[1], c.k_rows, dv_c)
     return dkv
+
+
+def add_sinks(out_THD: torch.Tensor, lse_HT: torch.Tensor, sinks_H: torch.Tensor) -> None:
+    """Join one sink logit per query head into the merged ``(out, lse)`` (accumulation dtype), in
+    place: the sink takes part in the softmax but has no value, so
+
+        lse' = log(exp(lse) + exp(sink))        out' = out * exp(lse - lse')
+
+    Rows that saw no key (padding) stay out: out 0, lse -inf."""
+    seen = lse_HT > NEG_INF
+    merged = torch.logaddexp(lse_HT, sinks_H.to(lse_HT.dtype)[:, None])
+    out_THD *= torch.where(seen, torch.exp(lse_HT - merged), 0.0).T[..., None]
+    lse_HT.copy_(torch.where(seen, merged, lse_HT))
+
+
+def sink_grad(dout_THD: torch.Tensor, out_THD: torch.Tensor, lse_HT: torch.Tensor,
+              sinks_H: torch.Tensor) -> torch.Tensor:
+    """This rank's gradient of the sinks ``[Hq]`` in the accumulation dtype, from the sink-merged
+    out and lse: ``d sink_h = -sum_i exp(sink_h - lse_hi) * rowsum(dout_i * out_i)_h`` over the rows
+    that saw a key (the sink's probability times the row's delta). The ranks' gradients add up to
+    the sinks' gradient."""
+    acc = lse_HT.dtype
+    delta = (dout_THD.to(acc) * out_THD.to(acc)).sum(-1).T  # [Hq, T]
+    p_sink = torch.where(lse_HT > NEG_INF, torch.exp(sinks_H.to(acc)[:, None] - lse_HT), 0.0)
+    return -(p_sink * delta).sum(1)
 
 
 def new_result(q: torch.Tensor):
@@ -96,15 +127,18 @@ class _Ring:
     comm: RingComm
     kernel: Kernel
     scale: float
+    softcap: float = 0.0
 
-    def forward(self, q, k, v):
+    def forward(self, q, k, v, sinks=None):
         out, lse = new_result(q)
         kv = torch.stack([k, v])  # one buffer: one message per hop
         for step in range(self.num_steps):
             incoming = self.comm.shift(kv, tag=KV_TAG) if step + 1 < self.num_steps else None
-            forward_step(q, kv, self.calls[step], out, lse, self.kernel, self.scale)
+            forward_step(q, kv, self.calls[step], out, lse, self.kernel, self.scale, self.softcap)
             if incoming is not None:
                 kv = incoming.wait()
+        if sinks is not None:
+            add_sinks(out, lse, sinks)
         return out.to(q.dtype), lse
 
     def backward(self, dout, q, k, v, out, lse):
@@ -113,7 +147,7 @@ class _Ring:
         rank = self.comm.rank
         for step in range(self.num_steps):
             kv_in = self.comm.shift(kv, tag=KV_TAG) if step < last else None
-            dkv = backward_step(dout, q, kv, out, lse, self.calls[step], dq, self.kernel, self.scale)
+            dkv = backward_step(dout, q, kv, out, lse, self.calls[step], dq, self.kernel, self.scale, self.softcap)
             if dkv is None:
                 dkv = torch.zeros(kv.shape, dtype=dq.dtype, device=kv.device)
             if dkv_in is not None:
@@ -133,16 +167,19 @@ class _Ring:
 
 class _RingFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, ring: _Ring):
-        out, lse = ring.forward(q, k, v)
-        ctx.save_for_backward(q, k, v, out, lse)
+    def forward(ctx, q, k, v, sinks, ring: _Ring):
+        out, lse = ring.forward(q, k, v, sinks)
+        ctx.save_for_backward(q, k, v, out, lse, sinks)
         ctx.ring = ring
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        return (*ctx.ring.backward(dout.contiguous(), q, k, v, out, lse), None)
+        q, k, v, out, lse, sinks = ctx.saved_tensors
+        dout = dout.contiguous()
+        dq, dk, dv = ctx.ring.backward(dout, q, k, v, out, lse)
+        dsinks = sink_grad(dout, out, lse, sinks).to(sinks.dtype) if ctx.needs_input_grad[3] else None
+        return dq, dk, dv, dsinks, None
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -169,6 +206,19 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         )
 
 
+def check_sinks(sinks: torch.Tensor | None, q: torch.Tensor) -> None:
+    """Validate attention sinks against q (every rank holds the same sinks)."""
+    if sinks is None:
+        return
+    if not isinstance(sinks, torch.Tensor) or not sinks.is_floating_point() or tuple(sinks.shape) != (q.shape[1],):
+        raise ValueError(
+            f"sinks must be a floating point tensor of one logit per query head, shape ({q.shape[1]},), got "
+            f"{_describe(sinks)}{f' {sinks.dtype}' if isinstance(sinks, torch.Tensor) else ''}"
+        )
+    if sinks.device != q.device:
+        raise ValueError(f"sinks must be on q's device ({q.device}), got {sinks.device}")
+
+
 def check_tokens(q: torch.Tensor, local_tokens: int, world_size: int) -> None:
     if q.shape[0] != local_tokens:
         raise ValueError(
@@ -184,10 +234,12 @@ def _describe(t) -> str:
 
 def ring_attention_with_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingPlan, *,
                              group: ProcessGroup | None = None, softmax_scale: float | None = None,
-                             backend: str | Kernel | None = None) -> torch.Tensor:
+                             backend: str | Kernel | None = None, softcap: float | None = None,
+                             sinks: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`ring_attention` with a precomputed :class:`RingPlan` (reuse one plan for every
     layer of a model: the plan is the only host work of the ring; build and
-    :meth:`~RingPlan.upload` it before the forward)."""
+    :meth:`~RingPlan.upload` it before the forward). The other arguments are those of
+    :func:`ring_attention`."""
     world_size, rank = group_size(group), group_rank(group)
     if (plan.world_size, plan.rank) != (world_size, rank):
         raise ValueError(
@@ -198,24 +250,28 @@ def ring_attention_with_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     try:
         check_qkv(q, k, v)
         check_tokens(q, plan.local_tokens, world_size)
-        # dtype, device and head_dim decide the kernel, or raise here, before any communication
-        kernel = get_kernel(backend, q.device, q.dtype, q.shape[-1])
+        check_sinks(sinks, q)
+        softcap = resolve_softcap(softcap)
+        # dtype, device, head_dim and softcap decide the kernel, or raise here, before any communication
+        kernel = get_kernel(backend, q.device, q.dtype, q.shape[-1], softcap)
     except (TypeError, ValueError) as exc:
         error = exc
     if world_size > 1 and not plan.agreed:
         # once per plan: the ranks compare what they were given (and learn of each other's
         # errors), so that none computes a wrong result or waits for a message that never comes
-        check_ranks_agree(plan, q, k, group, world_size, error)
+        check_ranks_agree(plan, q, k, group, world_size, error, softcap, sinks)
         plan.agreed = True
     if error is not None:
         raise error
     prepare(q.device)  # the merge's first use on a device compiles and checks it: not mid-ring
     scale = resolve_scale(softmax_scale, q.shape[-1])
-    ring = _Ring(plan.device_calls(q.device), plan.num_steps, RingComm(group, rank, world_size), kernel, scale)
+    ring = _Ring(plan.device_calls(q.device), plan.num_steps, RingComm(group, rank, world_size), kernel, scale,
+                 softcap)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _RingFunction.apply(q, k, v, ring)
-    return ring.forward(q, k, v)[0]
+    inputs = (q, k, v) if sinks is None else (q, k, v, sinks)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        return _RingFunction.apply(q, k, v, sinks, ring)
+    return ring.forward(q, k, v, sinks)[0]
 
 
 def ring_attention(
@@ -232,6 +288,8 @@ def ring_attention(
     backend: str | Kernel | None = None,
     seqused: torch.Tensor | None = None,
     dropout_p: float = 0.0,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Exact attention over a sequence split across the ranks of ``group``.
 
@@ -263,10 +321,19 @@ def ring_attention(
             :func:`pad_for_layout`; padding neither attends nor is attended to (its output is 0).
         dropout_p (`float`): must be 0: attention dropout is not supported (an exact backward
             would need the random state of every block on every rank).
+        softcap (`float`, *optional*): logit softcapping (Gemma 2's ``attn_logit_softcapping``):
+            the scores ``s = softmax_scale * q.k`` become ``softcap * tanh(s / softcap)`` before
+            the softmax. None or 0: none. Backends ``flash_attn_4``, ``flash_attn`` and ``cpu``
+            compute it; ``torch_flash`` has none (automatic selection skips it).
+        sinks (`torch.Tensor`, *optional*): ``[Hq]`` attention sinks (GPT-OSS): one logit per
+            query head that takes part in every query's softmax but has no value (it is not
+            multiplied by ``softmax_scale``), identical on every rank. Differentiable: each rank
+            gets the gradient of its own queries' share, so sum the sinks' gradient over the
+            context-parallel group (as for any parameter every rank holds).
 
     Returns:
         `torch.Tensor`: ``[tokens, Hq, head_dim]``, this rank's attention output, differentiable
-        with respect to q, k and v.
+        with respect to q, k, v and ``sinks``.
 
     The mask is planned on the host from ``cu_seqlens`` on every call; to reuse one plan across
     layers build a :class:`RingPlan` once and call :func:`ring_attention_with_plan`.
@@ -284,4 +351,5 @@ def ring_attention(
         if world_size > 1:  # the other ranks learn of it instead of waiting for this rank's blocks
             check_ranks_agree(None, q, k, group, world_size, error)
         raise
-    return ring_attention_with_plan(q, k, v, plan, group=group, softmax_scale=softmax_scale, backend=backend)
+    return ring_attention_with_plan(q, k, v, plan, group=group, softmax_scale=softmax_scale, backend=backend,
+                                    softcap=softcap, sinks=sinks)

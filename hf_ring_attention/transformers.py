@@ -79,10 +79,13 @@ class _Settings:
 
 
 def ring_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
-                           sliding_window=None, ring_batch: RingBatch | None = None, **kwargs):
+                           sliding_window=None, softcap=None, s_aux=None, ring_batch: RingBatch | None = None,
+                           **kwargs):
     """The transformers attention function (registered as ``"hf_ring_attention"``).
 
-    query ``[B, Hq, S, D]``, key/value ``[B, Hkv, S, D]`` -> ``([B, S, Hq, D], None)``.
+    query ``[B, Hq, S, D]``, key/value ``[B, Hkv, S, D]`` -> ``([B, S, Hq, D], None)``. Gemma 2's
+    logit softcap arrives as ``softcap``, GPT-OSS's per-head attention sinks (the module's
+    ``sinks``) as ``s_aux``; both go to the ring.
 
     Under ``torch.autocast``, q, k and v are cast to the autocast dtype (the rotary embedding
     returns float32 q and k while v is in the autocast dtype), as transformers' SDPA and
@@ -120,7 +123,7 @@ def ring_attention_forward(module, query, key, value, attention_mask, dropout=0.
     with torch.autocast(device_type, enabled=False) if autocast else nullcontext():
         out = ring_attention_with_plan(
             q, k, v, ring_batch.plan(sliding_window), group=settings.group, softmax_scale=scaling,
-            backend=settings.backend,
+            backend=settings.backend, softcap=softcap, sinks=s_aux,
         )
     if unpack:
         out = out.new_zeros(b * s, hq, d).index_copy(0, rows, out)
@@ -167,10 +170,10 @@ def _refuse_unsupported(module, query, key, dropout, kwargs) -> None:
             f"attention dropout ({dropout}) is not supported by ring attention (its backward would need "
             f"the random state of every block); set config.attention_dropout = 0.0"
         )
-    if kwargs.get("softcap") is not None:
-        raise NotImplementedError("attention logit softcapping is not supported by ring attention yet")
-    if kwargs.get("s_aux") is not None:
-        raise NotImplementedError("attention sinks are not supported by ring attention yet")
+    if kwargs.get("sinks") is not None:
+        raise NotImplementedError(
+            "per-token attention sinks (the sinks= keyword) are not supported by ring attention; per-head "
+            "sinks (s_aux=) are")
     if kwargs.get("position_bias") is not None:
         raise NotImplementedError("additive position bias is not supported by ring attention")
     if kwargs.get("output_router_logits") and group_size(module._ring_attention.group) > 1:
@@ -264,7 +267,7 @@ def patch_model(model, *, group: ProcessGroup | None = None, layout: str = "zigz
     Raises:
         NotImplementedError: for models or features ring attention cannot compute exactly
             (every reason is named: other heads, cross-attention, recurrent or other layer types,
-            sequence-length dependent rotary types, softcapping, attention sinks, ...).
+            sequence-length dependent rotary types, softcaps or sinks the attention does not pass on, ...).
     """
     check_layout(layout)
     group_rank(group)  # raises if this process is not in the group

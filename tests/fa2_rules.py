@@ -26,8 +26,8 @@ from hf_ring_attention.kernels.contract import Varlen
 name = "fa2_rules"
 
 
-def check(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
-    return cpu.check(device, dtype, head_dim)
+def check(device: torch.device, dtype: torch.dtype, head_dim: int, softcap: float = 0.0) -> str | None:
+    return cpu.check(device, dtype, head_dim, softcap)
 
 
 def effective_window(varlen: Varlen) -> tuple[int, int]:
@@ -52,10 +52,10 @@ def _as_applied(varlen: Varlen) -> Varlen:
     return replace(varlen, window=effective_window(varlen))
 
 
-def forward(q, k, v, varlen: Varlen, softmax_scale: float):
-    out, lse = cpu.forward(q, k, v, _as_applied(varlen), softmax_scale)
+def forward(q, k, v, varlen: Varlen, softmax_scale: float, softcap: float = 0.0):
+    out, lse = cpu.forward(q, k, v, _as_applied(varlen), softmax_scale, softcap)
     return out, lse.masked_fill(lse == float("-inf"), float("inf"))
 
 
-def backward(dout, q, k, v, out, lse, varlen: Varlen, softmax_scale: float):
-    return cpu.backward(dout, q, k, v, out, lse, _as_applied(varlen), softmax_scale)
+def backward(dout, q, k, v, out, lse, varlen: Varlen, softmax_scale: float, softcap: float = 0.0):
+    return cpu.backward(dout, q, k, v, out, lse, _as_applied(varlen), softmax_scale, softcap)

@@ -54,16 +54,25 @@ def true_mask(bounds, causal=True, window=None, seqused=None) -> torch.Tensor:
     return mask
 
 
-def attention_reference(q, k, v, bounds, causal=True, window=None, seqused=None, scale=None):
+def attention_reference(q, k, v, bounds, causal=True, window=None, seqused=None, scale=None, softcap=None,
+                        sinks=None):
     """Full attention in float64 on unsharded packed tensors ``[T, H, D]`` (GQA by repeat).
-    Rows that see no key (padding) give 0."""
+    Rows that see no key (padding) give 0. ``softcap``: scores ``softcap * tanh(s / softcap)``
+    (transformers' Gemma 2). ``sinks [H]``: one more logit per head in every row's softmax, with
+    no value (transformers' GPT-OSS), differentiable."""
     q, k, v = q.double(), k.double(), v.double()
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     s = torch.einsum("qhd,khd->hqk", q, k) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
     s = s.masked_fill(~true_mask(bounds, causal, window, seqused), -math.inf)
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    if sinks is None:
+        p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    else:
+        sink = sinks.double()[:, None, None].expand(-1, s.shape[1], 1)
+        p = torch.softmax(torch.cat([s, sink], dim=-1), dim=-1)[..., :-1]
     return torch.einsum("hqk,khd->qhd", p, v)
 
 

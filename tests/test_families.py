@@ -79,17 +79,24 @@ OVERRIDES: dict[str, dict] = {
     "roc_bert": dict(pronunciation_vocab_size=16, shape_vocab_size=16),
     "xlnet": dict(d_head=8),
     "zaya": dict(num_experts_per_tok=1),
+    "mimo_v2_flash": dict(head_dim=12),  # queries and keys 192, values 128 in its checkpoints (8 in SHRINK)
 }
 """Per-family config arguments where the generic shrinking is not enough."""
 
 VARIANTS = {
-    f"llama, rope_type={kind!r}": ("llama", "LlamaForCausalLM", dict(rope_parameters=dict(
+    **{f"llama, rope_type={kind!r}": ("llama", "LlamaForCausalLM", dict(rope_parameters=dict(
         rope_type=kind, rope_theta=10000.0, factor=4.0, original_max_position_embeddings=16,
         **(dict(low_freq_factor=1.0, high_freq_factor=4.0) if kind == "llama3" else {}))))
-    for kind in ("linear", "llama3", "yarn")
+       for kind in ("linear", "llama3", "yarn")},
+    # scores of standard deviation ~3 (up to 15) against a cap of 5: tanh far from linear. With the
+    # default cap (50) and the tiny config's scores (~0.01) the cap is the identity, and dropping it
+    # would go unnoticed.
+    "gemma2, attn_logit_softcapping=5.0": ("gemma2", "Gemma2ForCausalLM", dict(
+        attn_logit_softcapping=5.0, query_pre_attn_scalar=8, initializer_range=0.3)),
 }
 """Configurations run in the matrix beside the families' defaults: the rotary types that depend on
-positions only, exact with global position ids (frequencies scaled from a short original length)."""
+positions only, exact with global position ids (frequencies scaled from a short original length),
+and Gemma 2's logit softcap where it bends the scores."""
 
 
 # ----------------------------------------------------------------------------- tiny configs
@@ -286,13 +293,13 @@ def test_readme_support_table_is_generated_from_the_matrix():
 
 def test_the_check_accepts_llama_like_families_and_refuses_the_rest_by_capability():
     rows = {r.model_type: r for r in families()}
-    for accepted in ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt_neox", "mixtral", "olmo2"):
+    for accepted in ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt_neox", "mixtral", "olmo2",
+                     "gemma2", "vaultgemma", "gpt_oss", "granite_swa", "flint"):  # softcap; sinks
         assert rows[accepted].accepted, f"{accepted}: {rows[accepted].reasons}"
     expected = {
         "stablelm": "does not pass keyword arguments",
         "mamba": "linear_attention",
-        "gemma2": "softcapping",
-        "gpt_oss": "sinks",
+        "mimo_v2_flash": "value head dim (8) differs from its query/key head dim (12)",
         "deepseek_v3": "value head dim",
         "llama4_text": "chunked_attention",
         "bart": "does not pass keyword arguments",

@@ -27,8 +27,9 @@ def varlen(lqs, lks, window, max_seqlen_k=None) -> Varlen:
                   max(lks) if max_seqlen_k is None else max_seqlen_k, window)
 
 
-def band_reference(q, k, v, cu_q, cu_k, window, scale):
-    """float64 (out, lse) of every sequence with a bottom-right aligned (left, right) window."""
+def band_reference(q, k, v, cu_q, cu_k, window, scale, softcap=0.0):
+    """float64 (out, lse) of every sequence with a bottom-right aligned (left, right) window, the
+    scores capped at ``softcap * tanh(s / softcap)`` when ``softcap`` is positive."""
     out = torch.zeros(q.shape, dtype=torch.float64)
     lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float64)
     groups = q.shape[1] // k.shape[1]
@@ -43,6 +44,8 @@ def band_reference(q, k, v, cu_q, cu_k, window, scale):
         kk = k[k0:k1].double().repeat_interleave(groups, 1)
         vv = v[k0:k1].double().repeat_interleave(groups, 1)
         s = torch.einsum("qhd,khd->hqk", q[q0:q1].double(), kk) * scale
+        if softcap:
+            s = softcap * torch.tanh(s / softcap)
         s = s.masked_fill(~seen, float("-inf"))
         lse[:, q0:q1] = torch.logsumexp(s, -1)
         out[q0:q1] = torch.einsum("hqk,khd->qhd", torch.softmax(s, -1).nan_to_num(0), vv)
@@ -64,7 +67,10 @@ CASES = [
 @pytest.mark.parametrize("lqs, lks, window", CASES)
 @pytest.mark.parametrize("heads", [(4, 4), (8, 2), (6, 1)], ids=["MHA", "GQA", "MQA"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_kernel_matches_float64_band_attention(lqs, lks, window, heads, dtype):
+# softcap 1.0 against scores of standard deviation 1.2 (N(0, 1) inputs, head_dim 16, scale 0.3):
+# far from linear, so a cap ignored in the forward or in the backward (1 - tanh^2) shows
+@pytest.mark.parametrize("softcap", [0.0, 1.0], ids=["no-softcap", "softcap"])
+def test_cpu_kernel_matches_float64_band_attention(lqs, lks, window, heads, dtype, softcap):
     gen = torch.Generator().manual_seed(0)
     cu_q, cu_k = [0], [0]
     for a, b in zip(lqs, lks):
@@ -76,14 +82,14 @@ def test_cpu_kernel_matches_float64_band_attention(lqs, lks, window, heads, dtyp
     v = torch.randn(cu_k[-1], hkv, 16, generator=gen).to(dtype)
     scale = 0.3
     call = varlen(lqs, lks, window)
-    out, lse = cpu.forward(q, k, v, call, scale)
+    out, lse = cpu.forward(q, k, v, call, scale, softcap)
     assert out.dtype == dtype and lse.dtype == torch.float32 and lse.shape == (hq, cu_q[-1])
     qd, kd, vd = (t.double().requires_grad_() for t in (q, k, v))
-    ref_out, ref_lse = band_reference(qd, kd, vd, cu_q, cu_k, window, scale)
+    ref_out, ref_lse = band_reference(qd, kd, vd, cu_q, cu_k, window, scale, softcap)
     assert_close(out, ref_out, dtype, "out")
     assert_close(lse, ref_lse, torch.float32, "lse")
     dout = torch.randn(q.shape, generator=gen).to(dtype)
-    grads = cpu.backward(dout, q, k, v, out, lse, call, scale)
+    grads = cpu.backward(dout, q, k, v, out, lse, call, scale, softcap)
     ref_grads = torch.autograd.grad(ref_out, (qd, kd, vd), dout.double())
     for name, g, r in zip("qkv", grads, ref_grads):
         assert g.shape == r.shape
@@ -235,23 +241,23 @@ def _fa2_stand_in(new_api: bool, custom_op: bool = False):
         return Varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, tuple(window))
 
     def fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
-            softmax_scale, causal, **kw):
+            softmax_scale, causal, softcap=None, **kw):
         assert dropout_p == 0.0
         window = window_of(kw)
-        calls.append(("fwd", causal, window, softmax_scale))
+        calls.append(("fwd", causal, window, softmax_scale, softcap))
         out, lse = cpu.forward(q, k, v, as_varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                                  causal, window), softmax_scale)
+                                                  causal, window), softmax_scale, softcap or 0.0)
         if new_api:
             return out, lse, None, None
         return out, q, k, v, out, lse, None, None
 
     def bwd(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k,
-            max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal, **kw):
+            max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal, softcap=None, **kw):
         window = window_of(kw)
-        calls.append(("bwd", causal, window, softmax_scale, kw.get("deterministic")))
+        calls.append(("bwd", causal, window, softmax_scale, kw.get("deterministic"), softcap))
         grads = cpu.backward(dout, q, k, v, out, softmax_lse,
                              as_varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, window),
-                             softmax_scale)
+                             softmax_scale, softcap or 0.0)
         for buf, g in zip((dq, dk, dv), grads):
             buf.copy_(g)
         return dq, dk, dv
@@ -261,7 +267,7 @@ def _fa2_stand_in(new_api: bool, custom_op: bool = False):
                         softmax_scale, causal, window_size_left=-1, window_size_right=-1,
                         softcap=0.0, alibi_slopes=None, return_softmax=False):
             return fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
-                       softmax_scale, causal, window_size_left=window_size_left,
+                       softmax_scale, causal, softcap, window_size_left=window_size_left,
                        window_size_right=window_size_right)
 
         def backward_api(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k,
@@ -269,7 +275,7 @@ def _fa2_stand_in(new_api: bool, custom_op: bool = False):
                          window_size_left, window_size_right, softcap, alibi_slopes, deterministic,
                          rng_state=None):
             return bwd(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k,
-                       max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
+                       max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal, softcap,
                        window_size_left=window_size_left, window_size_right=window_size_right,
                        deterministic=deterministic)
     else:
@@ -306,16 +312,16 @@ class _CustomOp:
         return self._init_fn(*args, **kwargs)
 
 
-def _check_adapter_against_cpu(adapter, window, gen):
+def _check_adapter_against_cpu(adapter, window, gen, softcap=0.0):
     q, k, v = (torch.randn(7, 4, 8, generator=gen) for _ in range(3))
     call = varlen([3, 4], [3, 4], window)
     scale = 8 ** -0.5
-    out, lse = adapter.forward(q, k, v, call, scale)
-    ref_out, ref_lse = cpu.forward(q, k, v, call, scale)
+    out, lse = adapter.forward(q, k, v, call, scale, softcap)
+    ref_out, ref_lse = cpu.forward(q, k, v, call, scale, softcap)
     assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
     dout = torch.randn(q.shape, generator=gen)
-    for got, want in zip(adapter.backward(dout, q, k, v, out, lse, call, scale),
-                         cpu.backward(dout, q, k, v, out, lse, call, scale)):
+    for got, want in zip(adapter.backward(dout, q, k, v, out, lse, call, scale, softcap),
+                         cpu.backward(dout, q, k, v, out, lse, call, scale, softcap)):
         assert torch.equal(got, want)
 
 
@@ -330,8 +336,9 @@ def test_flash_attn_adapter_follows_documented_signature(monkeypatch, new_api, c
     try:
         _check_adapter_against_cpu(flash_adapter, window, torch.Generator().manual_seed(2))
         causal = window == (-1, 0)
-        assert calls[0] == ("fwd", causal, window, 8 ** -0.5)
-        assert calls[1] == ("bwd", causal, window, 8 ** -0.5, False)
+        softcap = 0.0 if new_api else None  # passed wherever the release takes it (no default in its backward)
+        assert calls[0] == ("fwd", causal, window, 8 ** -0.5, softcap)
+        assert calls[1] == ("bwd", causal, window, 8 ** -0.5, False, softcap)
     finally:
         flash_adapter._interface.cache_clear()
 
@@ -359,19 +366,19 @@ def _fa4_stand_in(drop_keyword: str | None = None):
                         window_size_left=None, window_size_right=None, learnable_sink=None,
                         return_lse=False, out=None, lse=None):
         assert seqused_q is None and seqused_k is None and qv is None
-        calls.append(("fwd", causal, (window_size_left, window_size_right), softmax_scale, return_lse))
+        calls.append(("fwd", causal, (window_size_left, window_size_right), softmax_scale, return_lse, softcap))
         o, l = cpu.forward(q, k, v, to_varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
-                                              window_size_left, window_size_right), softmax_scale)
+                                              window_size_left, window_size_right), softmax_scale, softcap or 0.0)
         return o, (l if return_lse else None), None, None, None
 
     def _flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale=None, causal=False, softcap=0.0,
                         window_size_left=None, window_size_right=None, m_block_size=64, n_block_size=128,
                         cu_seqlens_q=None, cu_seqlens_k=None, seqused_q=None, seqused_k=None,
                         max_seqlen_q=None, max_seqlen_k=None, deterministic=False, dq=None, dk=None, dv=None):
-        calls.append(("bwd", causal, (window_size_left, window_size_right), softmax_scale, deterministic))
+        calls.append(("bwd", causal, (window_size_left, window_size_right), softmax_scale, deterministic, softcap))
         return cpu.backward(dout, q, k, v, out, lse, to_varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                                                max_seqlen_k, causal, window_size_left,
-                                                               window_size_right), softmax_scale)
+                                                               window_size_right), softmax_scale, softcap)
 
     module = types.ModuleType("flash_attn.cute.interface")
     module._flash_attn_fwd, module._flash_attn_bwd = _flash_attn_fwd, _flash_attn_bwd
@@ -395,8 +402,8 @@ def test_flash_attn_4_adapter_follows_its_signature(monkeypatch, window, sent):
     try:
         _check_adapter_against_cpu(fa4_adapter, window, torch.Generator().manual_seed(3))
         causal, sides = sent
-        assert calls[0] == ("fwd", causal, sides, 8 ** -0.5, True)
-        assert calls[1] == ("bwd", causal, sides, 8 ** -0.5, False)
+        assert calls[0] == ("fwd", causal, sides, 8 ** -0.5, True, None)  # no softcap: the defaults
+        assert calls[1] == ("bwd", causal, sides, 8 ** -0.5, False, 0.0)
     finally:
         fa4_adapter._interface.cache_clear()
 
@@ -430,3 +437,98 @@ def test_fa2_right_clamp_is_wrong_when_max_seqlen_k_is_below_lq_minus_1():
     assert not torch.allclose(clamped[0], exact[0], atol=1e-3)
     reported = fa2_rules.forward(q, k, v, varlen([4], [2], (-1, 2), max_seqlen_k=4), 0.3)
     torch.testing.assert_close(reported, exact, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------- logit softcap
+def test_resolve_softcap_means_none_for_none_and_zero_and_refuses_negative_values():
+    assert kernels.resolve_softcap(None) == 0.0 and kernels.resolve_softcap(0) == 0.0
+    assert kernels.resolve_softcap(50) == 50.0
+    for bad in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match=f"softcap={bad}: a logit softcap must be a positive number"):
+            kernels.resolve_softcap(bad)
+
+
+@pytest.mark.parametrize("custom_op", [True, False], ids=["custom op", "plain"])
+def test_flash_attn_adapter_passes_the_softcap(monkeypatch, custom_op):
+    module, calls = _fa2_stand_in(True, custom_op)
+    monkeypatch.setitem(sys.modules, "flash_attn.flash_attn_interface", module)
+    flash_adapter._interface.cache_clear()
+    try:
+        _check_adapter_against_cpu(flash_adapter, (3, 0), torch.Generator().manual_seed(5), softcap=1.0)
+        assert calls[0][-1] == 1.0 and calls[1][-1] == 1.0
+    finally:
+        flash_adapter._interface.cache_clear()
+
+
+def test_flash_attn_release_without_softcap_is_refused_for_softcapped_attention_only(fake_gpu):
+    fake_gpu.fa2, fake_gpu.capability = _fa2_stand_in(False)[0], (8, 0)
+    fake_gpu.install()
+    cuda = torch.device("cuda", 0)
+    assert flash_adapter.check(cuda, torch.bfloat16, 64) is None
+    reason = flash_adapter.check(cuda, torch.bfloat16, 64, softcap=50.0)
+    assert reason == "needs flash-attn >= 2.6 for a logit softcap: this release's _flash_attn_varlen_forward takes no softcap"
+    with pytest.raises(NotImplementedError, match="flash-attn >= 2.6"):  # never dropped silently
+        flash_adapter.forward(*(torch.zeros(4, 2, 8) for _ in range(3)), varlen([4], [4], (-1, 0)), 0.3, 50.0)
+    # automatic selection: neither this flash-attn nor torch_flash can, so it fails and says why
+    with pytest.raises(ValueError, match=r"softcap 50.0 .*flash_attn: needs flash-attn >= 2.6.*torch_flash: has no "
+                                         r"logit softcap.*Fix: for the logit softcap \(50.0\) install flash-attn 4"):
+        kernels.get_kernel(None, cuda, torch.bfloat16, 64, softcap=50.0)
+    assert kernels.get_kernel(None, cuda, torch.bfloat16, 64) is flash_adapter
+
+
+def test_flash_attn_4_adapter_passes_the_softcap(monkeypatch):
+    module, calls = _fa4_stand_in()
+    monkeypatch.setitem(sys.modules, "flash_attn.cute.interface", module)
+    fa4_adapter._interface.cache_clear()
+    try:
+        _check_adapter_against_cpu(fa4_adapter, (-1, 0), torch.Generator().manual_seed(6), softcap=1.0)
+        assert calls[0][-1] == 1.0 and calls[1][-1] == 1.0
+    finally:
+        fa4_adapter._interface.cache_clear()
+
+
+def test_flash_attn_4_softcap_follows_its_release_and_architecture(fake_gpu):
+    cuda = torch.device("cuda", 0)
+    fake_gpu.fa4 = _fa4_stand_in()[0]
+    fake_gpu.install()
+    assert fa4_adapter.check(cuda, torch.bfloat16, 128, softcap=50.0) is None
+    fake_gpu.capability = (10, 0)
+    assert fa4_adapter.check(cuda, torch.bfloat16, 128, softcap=50.0) is None
+    # 4.0.0b36 asserts in its dedicated SM100 head_dim 256 backward and in its SM120 backward
+    assert "head_dim 256 backward" in fa4_adapter.check(cuda, torch.bfloat16, 256, softcap=50.0)
+    assert fa4_adapter.check(cuda, torch.bfloat16, 256) is None
+    fake_gpu.capability = (12, 0)
+    assert "backward on sm12x" in fa4_adapter.check(cuda, torch.bfloat16, 128, softcap=50.0)
+    fake_gpu.capability = (9, 0)
+    fake_gpu.fa4 = _fa4_stand_in(drop_keyword="softcap")[0]  # a release without it
+    fake_gpu.install()
+    assert "_flash_attn_fwd takes no softcap" in fa4_adapter.check(cuda, torch.bfloat16, 128, softcap=50.0)
+    assert fa4_adapter.check(cuda, torch.bfloat16, 128) is None
+
+
+def test_torch_flash_is_skipped_for_softcap_and_refused_when_asked_for(fake_gpu):
+    cuda, bf16 = torch.device("cuda", 0), torch.bfloat16
+    fake_gpu.fa2, fake_gpu.capability = _fa2_stand_in(True)[0], (8, 0)
+    fake_gpu.install()
+    assert kernels.get_kernel(None, cuda, bf16, 64, softcap=50.0) is flash_adapter
+    fake_gpu.fa2 = None
+    fake_gpu.install()
+    assert kernels.get_kernel(None, cuda, bf16, 64) is torch_flash
+    with pytest.raises(ValueError, match=r"no flash attention kernel .*softcap 50.0.*torch_flash: has no logit softcap"):
+        kernels.get_kernel(None, cuda, bf16, 64, softcap=50.0)
+    with pytest.raises(ValueError, match=r"backend 'torch_flash' cannot run on cuda:0 with bfloat16, head_dim 64, "
+                                         r"softcap 50.0: it has no logit softcap.*Backends with a logit softcap: "
+                                         r"flash_attn_4 .*; flash_attn .*; cpu"):
+        kernels.get_kernel("torch_flash", cuda, bf16, 64, softcap=50.0)
+    with pytest.raises(NotImplementedError, match="softcap=50.0"):  # its kernels never drop it silently
+        torch_flash.forward(*(torch.zeros(4, 2, 8) for _ in range(3)), varlen([4], [4], (-1, 0)), 0.3, 50.0)
+
+
+def test_softcap_backends_named_in_errors_are_those_whose_check_accepts_a_softcap(fake_gpu):
+    fake_gpu.fa2, fake_gpu.fa4 = _fa2_stand_in(True)[0], _fa4_stand_in()[0]
+    fake_gpu.install()
+    cuda = torch.device("cuda", 0)
+    for name, module in kernels.BACKENDS.items():
+        assert module.check(cuda, torch.bfloat16, 128) is None, name
+        accepts = module.check(cuda, torch.bfloat16, 128, softcap=50.0) is None
+        assert accepts == (name in kernels.SOFTCAP_BACKENDS), name

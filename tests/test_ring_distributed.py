@@ -63,6 +63,37 @@ def test_padded_documents_bfloat16_and_window_of_one():
     spawn(_padded_bf16_and_window_skip, 2)
 
 
+def _sinks_and_softcap(rank, world_size):
+    gen = torch.Generator().manual_seed(2)  # the same full tensors on every rank
+    cu = torch.tensor([0, 5, 6, 19], dtype=torch.int32)  # odd lengths, a one-token document
+    for layout, causal, window in [("zigzag", True, None), ("striped", True, 3), ("contiguous", False, 4)]:
+        q, dout = torch.randn(19, 4, 8, generator=gen), torch.randn(19, 4, 8, generator=gen)
+        k, v = torch.randn(19, 2, 8, generator=gen), torch.randn(19, 2, 8, generator=gen)  # GQA
+        sinks = (1.5 * torch.randn(4, generator=gen) + 1).requires_grad_()
+        padded = [pad_for_layout(t, cu, world_size=world_size, layout=layout) for t in (q, k, v, dout)]
+        bounds, used = padded[0].cu_seqlens, padded[0].seqused
+        local = [shard(p.x, bounds, layout=layout).requires_grad_() for p in padded[:3]]
+        out = ring_attention(*local, bounds, layout=layout, causal=causal, window_size=window, seqused=used,
+                             softcap=1.5, sinks=sinks)
+        out.backward(shard(padded[3].x, bounds, layout=layout))
+        dsinks = sinks.grad.clone()
+        dist.all_reduce(dsinks)  # each rank holds its own queries' share of the sinks' gradient
+        full = [p.x.double().requires_grad_() for p in padded[:3]]
+        sinks_d = sinks.detach().double().requires_grad_()
+        ref = attention_reference(*full, bounds.tolist(), causal, window, used.tolist(), softcap=1.5, sinks=sinks_d)
+        ref.backward(padded[3].x.double())
+        what = f"rank {rank}/{world_size} {layout} causal={causal} window={window}"
+        assert_close(unshard(out, bounds, layout=layout), ref, torch.float32, f"out {what}")
+        for name, t, f in zip("qkv", local, full):
+            assert_close(unshard(t.grad, bounds, layout=layout), f.grad, torch.float32, f"d{name} {what}")
+        assert_close(dsinks, sinks_d.grad, torch.float32, f"dsinks {what}")
+
+
+@pytest.mark.distributed
+def test_sinks_and_softcap_match_float64_attention_on_every_rank():
+    spawn(_sinks_and_softcap, 2)
+
+
 # --------------------------------------------------------------------------- bad input
 def _bad_inputs(rank, world_size):
     q = torch.randn(8, 4, 8)
@@ -86,6 +117,11 @@ def _bad_inputs(rank, world_size):
         "backend": (lambda: ring_attention(q, kv, kv, cu, backend="flash_attn_4"), ValueError,
                     "backend 'flash_attn_4' cannot run on cpu"),
         "unknown backend": (lambda: ring_attention(q, kv, kv, cu, backend="fa5"), ValueError, "unknown backend 'fa5'"),
+        "softcap backend": (lambda: ring_attention(q, kv, kv, cu, backend="torch_flash", softcap=50.0), ValueError,
+                            "backend 'torch_flash' cannot run.*Backends with a logit softcap"),
+        "softcap": (lambda: ring_attention(q, kv, kv, cu, softcap=-5.0), ValueError, "softcap=-5.0"),
+        "sinks": (lambda: ring_attention(q, kv, kv, cu, sinks=torch.zeros(2)), ValueError,
+                  r"sinks must be .* one logit per query head, shape \(4,\), got shape \(2,\)"),
     }
     if world_size > 2:  # a group this rank is not in: ranks 0 and 1 only
         group = dist.new_group([0, 1])
@@ -132,6 +168,10 @@ def _disagreeing_ranks(rank, world_size):
                   r"query heads: rank 0: 4, rank 1: 8"),
         "seqused": (lambda: ring_attention(*inputs(), one_doc, seqused=torch.tensor([total - (1 if odd else 0)], dtype=torch.int32)),
                     r"seqused digest"),
+        "softcap": (lambda: ring_attention(*inputs(), one_doc, softcap=5.0 if odd else None),
+                    r"softcap \(x 1e6\): rank 0: 0, rank 1: 5000000"),
+        "sinks": (lambda: ring_attention(*inputs(), one_doc, sinks=torch.zeros(4) if odd else None),
+                  r"sinks: rank 0: none, rank 1: given"),
     }
     for name, (fn, pattern) in cases.items():
         with pytest.raises(ValueError, match=pattern):

@@ -17,36 +17,45 @@ HEADS = {"MHA": (4, 4), "GQA": (8, 2), "MQA": (4, 1)}
 
 
 def ring_errors(bounds, world_size, layout, causal, window, heads, dtype, seqused=None, seed=0, head_dim=16,
-                backend=None) -> dict:
+                backend=None, softcap=None, sinks=None) -> dict:
     """Relative errors of the in-process ring's output and input gradients against float64
-    attention on the whole sequence."""
+    attention on the whole sequence. ``sinks``: the dtype of random attention sinks (None: none),
+    whose gradient is then checked too."""
     gen = torch.Generator().manual_seed(seed)
     total, (hq, hkv) = bounds[-1], heads
     q = torch.randn(total, hq, head_dim, generator=gen).to(dtype)
     k = torch.randn(total, hkv, head_dim, generator=gen).to(dtype)
     v = torch.randn(total, hkv, head_dim, generator=gen).to(dtype)
     dout = torch.randn(total, hq, head_dim, generator=gen).to(dtype)
+    # sinks around the rows' log-sum-exps (a few units), so they take a real share of every softmax
+    sink = None if sinks is None else (1.5 * torch.randn(hq, generator=gen) + 1).to(sinks).requires_grad_()
     used = None if seqused is None else torch.tensor(seqused, dtype=torch.int32)
     ring = InProcessRing(torch.tensor(bounds, dtype=torch.int32), world_size=world_size,
                          layout=layout, causal=causal, window_size=window, seqused=used)
     shards = [[s.requires_grad_() for s in ring.shard(t)] for t in (q, k, v)]
-    outs = ring.attention(*shards, backend=backend)
+    outs = ring.attention(*shards, backend=backend, softcap=softcap, sinks=sink)
     torch.autograd.backward(outs, ring.shard(dout))
     qd, kd, vd = (t.double().requires_grad_() for t in (q, k, v))
-    ref = attention_reference(qd, kd, vd, bounds, causal, window, seqused)
+    sink_d = None if sink is None else sink.detach().double().requires_grad_()
+    ref = attention_reference(qd, kd, vd, bounds, causal, window, seqused, softcap=softcap, sinks=sink_d)
     ref.backward(dout.double())
     out = ring.unshard(outs)
     assert out.dtype == dtype
     errors = {"out": rel_err(out, ref)}
     for name, parts, full in zip("qkv", shards, (qd, kd, vd)):
         errors[f"d{name}"] = rel_err(ring.unshard([p.grad for p in parts]), full.grad)
+    if sink is not None:
+        assert sink.grad.dtype == sink.dtype and sink.grad.isfinite().all()
+        errors["dsinks"] = rel_err(sink.grad, sink_d.grad)
     return errors
 
 
 def check_ring(bounds, world_size, layout, causal, window, heads, dtype, seqused=None, seed=0, head_dim=16,
-               backend=None):
-    errors = ring_errors(bounds, world_size, layout, causal, window, heads, dtype, seqused, seed, head_dim, backend)
-    what = f"{layout} P={world_size} causal={causal} window={window} heads={heads} bounds={bounds} seqused={seqused}"
+               backend=None, softcap=None, sinks=None):
+    errors = ring_errors(bounds, world_size, layout, causal, window, heads, dtype, seqused, seed, head_dim, backend,
+                         softcap, sinks)
+    what = (f"{layout} P={world_size} causal={causal} window={window} heads={heads} bounds={bounds} "
+            f"seqused={seqused} softcap={softcap} sinks={sinks}")
     for name, err in errors.items():
         assert err <= TOL[dtype], f"{name} {what}: relative error {err:.3e} > {TOL[dtype]:.0e} ({dtype})"
 
@@ -97,6 +106,54 @@ def test_padding_neither_attends_nor_is_attended(layout, causal):
 
 def test_float64_is_exact_to_rounding():
     check_ring([0, 16, 48], 4, "zigzag", True, 5, HEADS["GQA"], torch.float64)
+    check_ring([0, 16, 48], 4, "zigzag", True, 5, HEADS["GQA"], torch.float64, softcap=2.0, sinks=torch.float64)
+
+
+# ------------------------------------------------ attention sinks and logit softcapping
+# A softcap of 1.5 against scores of standard deviation 1 (N(0, 1) inputs, head_dim 16, scale 1/4):
+# tanh is far from linear there, so a kernel that ignored the cap, or its backward factor, fails.
+SOFTCAP = 1.5
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_sinks_and_softcap_float32(layout, causal):
+    """Sinks (with their gradient), softcap, and both, against float64: packed documents, padding
+    of every size, GQA and MQA, windows narrower and wider than a shard, up to 4 ranks."""
+    gen = torch.Generator().manual_seed(11)
+    features = [dict(sinks=torch.float32), dict(softcap=SOFTCAP), dict(softcap=SOFTCAP, sinks=torch.float32)]
+    for world_size, (name, heads) in itertools.product((1, 2, 4), HEADS.items()):
+        multiple = layout_multiple(layout, world_size)
+        lengths = torch.randint(1, 3 * multiple, (3,), generator=gen).tolist()
+        cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+        padded = pad_for_layout(torch.zeros(cu[-1].item()), cu, world_size=world_size, layout=layout)
+        for i, window in enumerate((None, multiple // 2 + 1, 3 * multiple)):
+            check_ring(padded.cu_seqlens.tolist(), world_size, layout, causal, window, heads, torch.float32,
+                       seqused=lengths, **features[(i + world_size) % 3])
+
+
+def test_sinks_and_softcap_under_flash_attn_2_rules_and_in_bfloat16():
+    multiple = layout_multiple("zigzag", 4)
+    bounds = [0, 2 * multiple, 3 * multiple, 6 * multiple]
+    check_ring(bounds, 4, "zigzag", True, 5, HEADS["GQA"], torch.float32, seqused=[5, 8, 17], backend=fa2_rules,
+               head_dim=8, softcap=SOFTCAP, sinks=torch.float32)
+    # bfloat16 q, k, v with float32 sinks (Flint keeps them in float32) and with bfloat16 sinks
+    # (GPT-OSS loaded in bfloat16)
+    for sinks in (torch.float32, torch.bfloat16):
+        check_ring(bounds, 4, "zigzag", True, None, HEADS["GQA"], torch.bfloat16, softcap=SOFTCAP, sinks=sinks)
+
+
+def test_sink_gradient_flows_alone_and_sinks_are_validated():
+    ring = InProcessRing(torch.tensor([0, 8], dtype=torch.int32), world_size=2)
+    q, k, v = (ring.shard(torch.randn(8, 2, 8)) for _ in range(3))
+    sinks = torch.zeros(2, requires_grad=True)
+    outs = ring.attention(q, k, v, sinks=sinks)  # only the sinks need a gradient
+    sum(o.sum() for o in outs).backward()
+    assert sinks.grad is not None and sinks.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match=r"one logit per query head, shape \(2,\), got shape \(4,\)"):
+        ring.attention(q, k, v, sinks=torch.zeros(4))
+    with pytest.raises(ValueError, match="softcap=-1.0"):
+        ring.attention(q, k, v, softcap=-1.0)
 
 
 # ----------------------------------------------------- flash-attn 2's rules, seen on CPU

@@ -226,14 +226,17 @@ def test_output_attentions_and_kv_cache_are_refused():
         model.generate(batch["input_ids"][:, :5], max_new_tokens=2, do_sample=False)
 
 
-def test_softcapping_and_sinks_are_refused_at_patch_time():
+def test_softcapping_and_sinks_the_attention_does_not_pass_on_are_refused_at_patch_time():
+    # Gemma 2 and GPT-OSS pass them to the attention function (softcap=, s_aux=), which gives them to the
+    # ring (tests/test_families.py); Llama's attention passes neither, so the ring could not apply them
     model = tiny_model("llama")
     model.config.attn_logit_softcapping = 30.0
-    with pytest.raises(NotImplementedError, match="softcapping"):
+    with pytest.raises(NotImplementedError, match=r"logit softcap \(attn_logit_softcapping=30.0\) but "
+                                                  r"LlamaAttention.forward does not pass it"):
         hra.patch_model(model)
     model = tiny_model("llama")
     model.model.layers[0].self_attn.sinks = torch.nn.Parameter(torch.zeros(4))
-    with pytest.raises(NotImplementedError, match="sinks"):
+    with pytest.raises(NotImplementedError, match="LlamaAttention has attention sinks .* does not pass them"):
         hra.patch_model(model)
 
 

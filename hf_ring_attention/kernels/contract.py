@@ -14,12 +14,17 @@ an unbounded side)::
         k k k k .
         k k k k k
 
+The scores are ``softmax_scale * q.k``; with a logit softcap ``c > 0`` (Gemma 2's
+``attn_logit_softcapping``) they are ``c * tanh(softmax_scale * q.k / c)``, applied before the mask
+and the softmax, and the lse is that of the capped scores. ``softcap = 0`` means none.
+
 The ring never asks for a row that sees no key (the plan crops them away), so backends need not
 agree on what such a row returns (flash-attn 2 writes lse = +inf there, flash-attn 4 -inf).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Protocol, runtime_checkable
@@ -63,17 +68,19 @@ class Kernel(Protocol):
 
     name: str
 
-    def check(self, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
-        """Why this backend cannot run on ``device`` with ``dtype`` and ``head_dim``, or None if
-        it can. Never raises; what it imports to find out is imported once."""
+    def check(self, device: torch.device, dtype: torch.dtype, head_dim: int,
+              softcap: float = 0.0) -> str | None:
+        """Why this backend cannot run on ``device`` with ``dtype``, ``head_dim`` and (when it is
+        positive) the logit softcap ``softcap``, or None if it can. Never raises; what it imports
+        to find out is imported once."""
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, varlen: Varlen,
-                softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                softmax_scale: float, softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
         """``(out [Tq, Hq, D] in q.dtype, lse [Hq, Tq] float32)``."""
 
     def backward(self, dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 out: torch.Tensor, lse: torch.Tensor, varlen: Varlen,
-                 softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 out: torch.Tensor, lse: torch.Tensor, varlen: Varlen, softmax_scale: float,
+                 softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(dq, dk, dv)`` in the input dtypes, recomputed from ``out`` and ``lse``, which may be
         the merged results of several calls (only ``exp(scores - lse)`` is recomputed)."""
 
@@ -87,6 +94,17 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
 def resolve_scale(softmax_scale: float | None, head_dim: int) -> float:
     """The softmax scale every backend is given: ``head_dim ** -0.5`` unless one is set."""
     return head_dim ** -0.5 if softmax_scale is None else float(softmax_scale)
+
+
+def resolve_softcap(softcap: float | None) -> float:
+    """The logit softcap every backend is given: 0.0 for none (``None`` or 0), else the positive
+    cap. Raises ``ValueError`` for a negative or non-finite value."""
+    if softcap is None:
+        return 0.0
+    softcap = float(softcap)
+    if not (softcap >= 0 and math.isfinite(softcap)):
+        raise ValueError(f"softcap={softcap}: a logit softcap must be a positive number (None or 0 for none)")
+    return softcap
 
 
 def cuda_reason(device: torch.device) -> str | None:

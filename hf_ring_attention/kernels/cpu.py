@@ -8,7 +8,8 @@ Each sequence of the varlen batch is computed on its own, in float32 (float64 fo
 On CPU, sequences whose mask is full or square-causal go through PyTorch's fused CPU flash kernel
 (``_scaled_dot_product_flash_attention_for_cpu``, which also returns the log-sum-exp; its causal
 mask is aligned top-left, which equals bottom-right only when Lq == Lk). Everything else uses an
-explicit bottom-right aligned band mask. Automatic selection uses it on CPU only: on a GPU it
+explicit bottom-right aligned band mask, and so does every call with a logit softcap (the fused
+kernel takes none): scores ``c * tanh(s / c)``, whose backward multiplies by ``1 - tanh^2``. Automatic selection uses it on CPU only: on a GPU it
 materialises the scores of every block (``backend="cpu"`` asks for it there explicitly).
 """
 
@@ -22,13 +23,13 @@ from .contract import Varlen, accumulate_dtype
 name = "cpu"
 
 
-def check(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
-    """Runs anywhere, in any floating point dtype."""
+def check(device: torch.device, dtype: torch.dtype, head_dim: int, softcap: float = 0.0) -> str | None:
+    """Runs anywhere, in any floating point dtype, with or without a logit softcap."""
     return None if dtype.is_floating_point else f"needs a floating point dtype, got {dtype}"
 
 
-def _fused_ok(q: torch.Tensor, lq: int, lk: int, window) -> bool:
-    if q.device.type != "cpu":
+def _fused_ok(q: torch.Tensor, lq: int, lk: int, window, softcap: float) -> bool:
+    if q.device.type != "cpu" or softcap:
         return False
     return window == (-1, -1) or (window == (-1, 0) and lq == lk)
 
@@ -54,9 +55,10 @@ def _grouped(x_THD: torch.Tensor, hkv: int) -> torch.Tensor:
     return rearrange(x_THD, "t (h g) d -> t h g d", h=hkv)
 
 
-def forward(q, k, v, varlen: Varlen, softmax_scale: float):
+def forward(q, k, v, varlen: Varlen, softmax_scale: float, softcap: float = 0.0):
     """Varlen attention forward. Returns ``(out [Tq, Hq, D] in q.dtype, lse [Hq, Tq] float32)``
-    (float64 lse for float64 input). Rows that see no key get out = 0 and lse = -inf."""
+    (float64 lse for float64 input). Rows that see no key get out = 0 and lse = -inf. A positive
+    ``softcap`` caps the scores at ``softcap * tanh(scores / softcap)``."""
     window = varlen.window
     cdt = accumulate_dtype(q.dtype)
     out = torch.zeros_like(q)
@@ -67,7 +69,7 @@ def forward(q, k, v, varlen: Varlen, softmax_scale: float):
         if lq == 0 or lk == 0:
             continue
         qs, ks, vs = q[q0:q1], k[k0:k1], v[k0:k1]
-        if _fused_ok(q, lq, lk, window):
+        if _fused_ok(q, lq, lk, window, softcap):
             o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 qs.transpose(0, 1)[None], ks.transpose(0, 1)[None], vs.transpose(0, 1)[None],
                 0.0, window == (-1, 0), scale=softmax_scale,
@@ -75,7 +77,7 @@ def forward(q, k, v, varlen: Varlen, softmax_scale: float):
             out[q0:q1] = o[0].transpose(0, 1)
             lse[:, q0:q1] = l[0]
             continue
-        s = _scores(qs, ks, hkv, softmax_scale, cdt)
+        s, _ = _scores(qs, ks, hkv, softmax_scale, softcap, cdt)
         s = s.masked_fill(~_band_mask(lq, lk, window, q.device), float("-inf"))
         l = torch.logsumexp(s, dim=-1)  # [Hkv, G, Lq]
         p = torch.exp(s - l.masked_fill(l == float("-inf"), 0)[..., None])
@@ -85,7 +87,7 @@ def forward(q, k, v, varlen: Varlen, softmax_scale: float):
     return out, lse
 
 
-def backward(dout, q, k, v, out, lse, varlen: Varlen, softmax_scale: float):
+def backward(dout, q, k, v, out, lse, varlen: Varlen, softmax_scale: float, softcap: float = 0.0):
     """Gradients of a forward call, recomputed from ``out`` and ``lse`` (which may be the merged
     results of several calls: only the probabilities ``exp(s - lse)`` are recomputed).
     Returns ``(dq, dk, dv)`` in the input dtypes; dk and dv have Hkv heads."""
@@ -99,7 +101,7 @@ def backward(dout, q, k, v, out, lse, varlen: Varlen, softmax_scale: float):
             continue
         qs, ks, vs, dos, os_ = q[q0:q1], k[k0:k1], v[k0:k1], dout[q0:q1], out[q0:q1]
         ls = lse[:, q0:q1]
-        if _fused_ok(q, lq, lk, window):
+        if _fused_ok(q, lq, lk, window, softcap):
             grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
                 dos.transpose(0, 1)[None], qs.transpose(0, 1)[None], ks.transpose(0, 1)[None],
                 vs.transpose(0, 1)[None], os_.transpose(0, 1)[None],
@@ -107,7 +109,7 @@ def backward(dout, q, k, v, out, lse, varlen: Varlen, softmax_scale: float):
             )
             dq[q0:q1], dk[k0:k1], dv[k0:k1] = (g[0].transpose(0, 1) for g in grads)
             continue
-        s = _scores(qs, ks, hkv, softmax_scale, cdt)
+        s, tanh = _scores(qs, ks, hkv, softmax_scale, softcap, cdt)
         s = s.masked_fill(~_band_mask(lq, lk, window, q.device), float("-inf"))
         l = ls.to(cdt).reshape(hkv, -1, lq)
         p = torch.exp(s - l.masked_fill(l == float("-inf"), 0)[..., None])
@@ -116,11 +118,19 @@ def backward(dout, q, k, v, out, lse, varlen: Varlen, softmax_scale: float):
         dp = torch.einsum("qhgd,khd->hgqk", do, vs.to(cdt))
         delta = (do * _grouped(os_, hkv).to(cdt)).sum(-1).permute(1, 2, 0)  # [Hkv, G, Lq]
         ds = p * (dp - delta[..., None])
+        if tanh is not None:  # d/dx of c * tanh(x / c)
+            ds = ds * (1 - tanh * tanh)
         scale = softmax_scale
         dq[q0:q1] = (torch.einsum("hgqk,khd->qhgd", ds, ks.to(cdt)) * scale).reshape(lq, -1, q.shape[-1]).to(q.dtype)
         dk[k0:k1] = (torch.einsum("hgqk,qhgd->khd", ds, _grouped(qs, hkv).to(cdt)) * scale).to(k.dtype)
     return dq, dk, dv
 
 
-def _scores(qs, ks, hkv, softmax_scale, cdt):
-    return torch.einsum("qhgd,khd->hgqk", _grouped(qs, hkv).to(cdt), ks.to(cdt)) * softmax_scale
+def _scores(qs, ks, hkv, softmax_scale, softcap, cdt):
+    """``(scores [Hkv, G, Lq, Lk], tanh)``: the (capped) scores in ``cdt``, and with a softcap the
+    ``tanh(raw / softcap)`` the backward needs (None without)."""
+    s = torch.einsum("qhgd,khd->hgqk", _grouped(qs, hkv).to(cdt), ks.to(cdt)) * softmax_scale
+    if not softcap:
+        return s, None
+    tanh = torch.tanh(s / softcap)
+    return softcap * tanh, tanh

@@ -13,7 +13,11 @@ import). Differences from flash-attn 2 absorbed here:
   with -inf for rows that see no key; ``_flash_attn_bwd`` takes ``(q, k, v, out, dout, lse)`` and
   returns a tuple that starts with ``(dq, dk, dv)``;
 * no window clamping at ``max_seqlen_k``; head_dim 8..256 in steps of 8 on SM90, at most 128 (or
-  exactly 256) on SM100/SM110.
+  exactly 256) on SM100/SM110;
+* the logit softcap is the keyword ``softcap`` of both functions (``None`` or 0.0 for none in the
+  forward, 0.0 in the backward), passed only when one is asked for; its backward has no softcap
+  on SM120 nor in the dedicated head_dim 256 kernel of SM100/SM110 (asserted there), so
+  :func:`check` refuses those.
 
 Kernels are compiled on first use of each configuration (dtype, head_dim, GQA ratio, causal or
 windowed, ...), which takes seconds; window sizes are runtime values and do not recompile. Tests
@@ -61,8 +65,9 @@ def import_error() -> str | None:
     return None
 
 
-def check(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
-    """CUDA SM90+ with an importable flash-attn 4, fp16/bf16, and a head_dim its kernels build."""
+def check(device: torch.device, dtype: torch.dtype, head_dim: int, softcap: float = 0.0) -> str | None:
+    """CUDA SM90+ with an importable flash-attn 4, fp16/bf16, and a head_dim its kernels build;
+    for a softcap, a release and an architecture whose backward takes one."""
     reason = cuda_reason(device)
     if reason is not None:
         return reason
@@ -73,11 +78,23 @@ def check(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None
     if major < 9:
         return f"needs an SM90 (Hopper) or newer GPU for its backward, this one is sm{major}{minor}"
     reason = dtype_reason(dtype)
-    if reason is not None:
-        return reason
+    if reason is None and not (major in (10, 11) and head_dim == 256):
+        reason = head_dim_reason(head_dim, largest=128 if major in (10, 11) else 256)
+    if reason is None and softcap:
+        reason = _softcap_reason(major, head_dim)
+    return reason
+
+
+def _softcap_reason(major: int, head_dim: int) -> str | None:
+    interface = _interface()
+    for fn in ("_flash_attn_fwd", "_flash_attn_bwd"):
+        if "softcap" not in inspect.signature(getattr(interface, fn)).parameters:
+            return f"has no logit softcap in this release (flash_attn.cute.interface.{fn} takes no softcap)"
+    if major == 12:
+        return f"has no logit softcap in its backward on sm{major}x"
     if major in (10, 11) and head_dim == 256:
-        return None
-    return head_dim_reason(head_dim, largest=128 if major in (10, 11) else 256)
+        return f"has no logit softcap in its head_dim 256 backward on sm{major}x"
+    return None
 
 
 def _window(varlen: Varlen) -> dict:
@@ -88,20 +105,24 @@ def _window(varlen: Varlen) -> dict:
             "window_size_right": None if right < 0 else right}
 
 
-def forward(q, k, v, varlen: Varlen, softmax_scale: float):
+def _softcap(softcap: float) -> dict:
+    return {"softcap": softcap} if softcap else {}
+
+
+def forward(q, k, v, varlen: Varlen, softmax_scale: float, softcap: float = 0.0):
     result = _interface()._flash_attn_fwd(
         q=q, k=k, v=v, cu_seqlens_q=varlen.cu_seqlens_q, cu_seqlens_k=varlen.cu_seqlens_k,
         max_seqlen_q=varlen.max_seqlen_q, max_seqlen_k=varlen.max_seqlen_k, softmax_scale=softmax_scale,
-        return_lse=True, **_window(varlen),
+        return_lse=True, **_window(varlen), **_softcap(softcap),
     )
     return result[0], result[1]
 
 
-def backward(dout, q, k, v, out, lse, varlen: Varlen, softmax_scale: float):
+def backward(dout, q, k, v, out, lse, varlen: Varlen, softmax_scale: float, softcap: float = 0.0):
     result = _interface()._flash_attn_bwd(
         q=q, k=k, v=v, out=out, dout=dout.contiguous(), lse=lse, softmax_scale=softmax_scale,
         cu_seqlens_q=varlen.cu_seqlens_q, cu_seqlens_k=varlen.cu_seqlens_k,
         max_seqlen_q=varlen.max_seqlen_q, max_seqlen_k=varlen.max_seqlen_k, deterministic=False,
-        **_window(varlen),
+        **_window(varlen), **_softcap(softcap),
     )
     return result[0], result[1], result[2]

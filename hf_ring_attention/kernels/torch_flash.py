@@ -5,7 +5,8 @@ fp16/bf16, no extra install; see ``contract.py``).
 unused, debug_mask)`` for packed ``[T, H, D]`` input and handles GQA (fewer K/V heads) itself.
 Newer torch releases append arguments, so everything after the positional core goes by keyword.
 The causal diagonal and the window are aligned bottom-right. It is PyTorch's copy of flash-attn 2,
-with the same window clamping at ``max_seqlen_k`` (handled by the plan).
+with the same window clamping at ``max_seqlen_k`` (handled by the plan), but without flash-attn
+2's logit softcap: softcapped calls are refused (``check``), and automatic selection skips it.
 """
 
 from __future__ import annotations
@@ -17,8 +18,14 @@ from .contract import Varlen, capability, cuda_reason, dtype_reason, head_dim_re
 name = "torch_flash"
 
 
-def check(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
-    """CUDA sm80 (Ampere) or newer with the aten flash op, fp16/bf16, head_dim % 8 == 0 and <= 256."""
+NO_SOFTCAP = "has no logit softcap (PyTorch's built-in FlashAttention-2 kernels take none)"
+
+
+def check(device: torch.device, dtype: torch.dtype, head_dim: int, softcap: float = 0.0) -> str | None:
+    """CUDA sm80 (Ampere) or newer with the aten flash op, fp16/bf16, head_dim % 8 == 0 and <= 256,
+    no softcap."""
+    if softcap:
+        return NO_SOFTCAP
     reason = cuda_reason(device)
     if reason is not None:
         return reason
@@ -37,7 +44,13 @@ def _window(varlen: Varlen) -> dict:
     return {"window_size_left": left, "window_size_right": right}
 
 
-def forward(q, k, v, varlen: Varlen, softmax_scale: float):
+def _no_softcap(softcap: float) -> None:
+    if softcap:
+        raise NotImplementedError(f"backend 'torch_flash' {NO_SOFTCAP}; softcap={softcap} was asked for")
+
+
+def forward(q, k, v, varlen: Varlen, softmax_scale: float, softcap: float = 0.0):
+    _no_softcap(softcap)
     out, lse, *_ = torch.ops.aten._flash_attention_forward(
         q, k, v, varlen.cu_seqlens_q, varlen.cu_seqlens_k, varlen.max_seqlen_q, varlen.max_seqlen_k,
         0.0, varlen.causal, False, scale=softmax_scale, **_window(varlen),
@@ -45,7 +58,8 @@ def forward(q, k, v, varlen: Varlen, softmax_scale: float):
     return out, lse
 
 
-def backward(dout, q, k, v, out, lse, varlen: Varlen, softmax_scale: float):
+def backward(dout, q, k, v, out, lse, varlen: Varlen, softmax_scale: float, softcap: float = 0.0):
+    _no_softcap(softcap)
     # rng_state and its companion are read only when dropout_p > 0, which we never use.
     unused = torch.empty(2, dtype=torch.uint64, device=q.device)
     dq, dk, dv = torch.ops.aten._flash_attention_backward(
