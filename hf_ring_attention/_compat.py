@@ -34,6 +34,16 @@ def padding_mask_function():
     return flash_attention_mask
 
 
+# ------------------------------------------------------------------------------------- torch
+# Checked against torch 2.11 and 2.13.
+
+
+def module_has_hooks(module) -> bool:
+    """Whether forward hooks or pre-hooks are registered on ``module`` itself (torch keeps them
+    in private ordered dicts; global hooks are not counted)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
 # -------------------------------------------------------------------------------- accelerate
 # Checked against accelerate 1.10.0 and 1.15.0.
 
@@ -117,7 +127,19 @@ def _probe_scheduler() -> bool:
             and isinstance(getattr(AcceleratedOptimizer, "step_was_skipped", None), property))
 
 
+def _probe_module_hooks() -> bool:
+    import torch
+
+    module = torch.nn.Linear(1, 1)
+    before = module_has_hooks(module)
+    handle = module.register_forward_hook(lambda *args: None)
+    during = module_has_hooks(module)
+    handle.remove()
+    return not before and during and not module_has_hooks(module)
+
+
 PROBES: dict[str, Callable[[], bool]] = {
+    "torch Module._forward_hooks and _forward_pre_hooks": _probe_module_hooks,
     "transformers PretrainedConfig._attn_implementation_internal": _probe_config,
     "transformers.masking_utils.flash_attention_mask": _probe_mask_function,
     "accelerate AcceleratorState.device_mesh": _probe_state_mesh,

@@ -95,12 +95,15 @@ class CPMesh:
 class ContextParallelSetup:
     """Options and state shared by :class:`~hf_ring_attention.accelerate.ContextParallelPlugin`
     and :class:`~hf_ring_attention.trainer.RingAttentionCallback`; the options (``cp_size``,
-    ``layout``, ``backend``, ``check_batches``) are documented there."""
+    ``layout``, ``backend``, ``check_batches``, ``chunked_loss``, ``tiled_mlp``) are documented
+    there."""
 
     cp_size: int | None = None
     layout: str = "zigzag"
     backend: str | None = None
     check_batches: int = 2
+    chunked_loss: bool | int = False
+    tiled_mlp: bool | int = False
     mesh: CPMesh | None = field(default=None, init=False, repr=False)
     _checked: int = field(default=0, init=False, repr=False)
 
@@ -141,7 +144,8 @@ class ContextParallelSetup:
 
         model = transformers_model(model)
         check_trainable(model)
-        return patch_model(model, group=self.group, layout=self.layout, backend=self.backend)
+        return patch_model(model, group=self.group, layout=self.layout, backend=self.backend,
+                           chunked_loss=self.chunked_loss, tiled_mlp=self.tiled_mlp)
 
     def shard(self, batch: dict) -> dict:
         """This rank's shard of a full batch (:func:`~hf_ring_attention.shard_batch`)."""

@@ -34,11 +34,17 @@ class RingAttentionCallback(TrainerCallback):
         backend (`str`, *optional*): kernel backend (see ``hf_ring_attention.kernels``).
         check_batches (`int`): on this many first forward passes, check that every rank of a
             group was given the same batch.
+        chunked_loss (`bool` or `int`): compute the training loss over chunks of tokens, never
+            holding the ``[tokens, vocab]`` logits (an int: the chunk size in tokens); training
+            forwards then return no logits. See :func:`~hf_ring_attention.patch_model`.
+        tiled_mlp (`bool` or `int`): run each decoder layer's MLP over chunks of tokens under
+            recomputation (an int: the chunk size in tokens). See :func:`~hf_ring_attention.patch_model`.
     """
 
     def __init__(self, cp_size: int | None = None, layout: str = "zigzag", backend: str | None = None,
-                 check_batches: int = 2):
-        self.cp = ContextParallelSetup(cp_size, layout, backend, check_batches)
+                 check_batches: int = 2, chunked_loss: bool | int = False, tiled_mlp: bool | int = False):
+        self.cp = ContextParallelSetup(cp_size, layout, backend, check_batches,
+                                       chunked_loss=chunked_loss, tiled_mlp=tiled_mlp)
         self._hook = None
 
     @property

@@ -21,6 +21,8 @@ from . import _compat
 from .batch import RingBatch, batch_structure, document_starts
 from .distributed import group_rank, group_size
 from .layout import check_layout
+from .loss import resolve_chunked_loss, set_chunked_loss
+from .mlp import resolve_tiled_mlp, set_tiled_mlp
 from .ring import ring_attention_with_plan
 
 if TYPE_CHECKING:
@@ -163,7 +165,8 @@ def _check_supported(model) -> None:
             raise NotImplementedError(f"{type(m).__name__} is not causal; ring attention supports causal self-attention only")
 
 
-def patch_model(model, *, group: ProcessGroup | None = None, layout: str = "zigzag", backend: str | None = None):
+def patch_model(model, *, group: ProcessGroup | None = None, layout: str = "zigzag", backend: str | None = None,
+                chunked_loss: bool | int = False, tiled_mlp: bool | int = False):
     """Make a transformers causal LM use ring attention. Idempotent; see :func:`unpatch_model`.
 
     Args:
@@ -173,6 +176,13 @@ def patch_model(model, *, group: ProcessGroup | None = None, layout: str = "zigz
             with the same layout (:func:`shard_batch`).
         backend (`str`, *optional*): kernel backend (``"flash_attn"``, ``"torch"``, ``"cpu"``);
             default: automatic, or the ``HF_RING_ATTENTION_BACKEND`` environment variable.
+        chunked_loss (`bool` or `int`): compute the training loss over chunks of tokens without
+            materialising the ``[tokens, vocab]`` logits (:mod:`hf_ring_attention.loss`); an int
+            is the chunk size in tokens. Training forwards given ``labels`` then return
+            ``logits=None``; evaluation and forwards without labels return logits as usual.
+        tiled_mlp (`bool` or `int`): run every decoder layer's MLP over chunks of tokens (1024,
+            or this many) and recompute it in the backward, so that it keeps only its input for
+            the backward pass (:mod:`hf_ring_attention.mlp`).
 
     Returns:
         The same model, switched to the ``"hf_ring_attention"`` attention implementation. Only
@@ -180,11 +190,13 @@ def patch_model(model, *, group: ProcessGroup | None = None, layout: str = "zigz
 
     Raises:
         NotImplementedError: for models or features ring attention cannot compute exactly
-            (other model types, softcapping, attention sinks, non-causal attention).
+            (other model types, softcapping, attention sinks, non-causal attention), and a
+            ``chunked_loss`` or ``tiled_mlp`` the model does not allow (see the message).
     """
     check_layout(layout)
     group_rank(group)  # raises if this process is not in the group
     _check_supported(model)
+    chunk, tile = resolve_chunked_loss(model, chunked_loss), resolve_tiled_mlp(model, tiled_mlp)
     settings = _Settings(group, layout, backend)
     state = getattr(model, "_hf_ring_attention", None)
     if state is None:
@@ -194,6 +206,8 @@ def patch_model(model, *, group: ProcessGroup | None = None, layout: str = "zigz
     state.settings = settings
     for m in _attention_modules(model):
         m._ring_attention = settings
+    set_chunked_loss(model, chunk)
+    set_tiled_mlp(model, tile)
     return model
 
 
@@ -203,6 +217,8 @@ def unpatch_model(model):
     if state is None:
         return model
     _compat.restore_attn_implementation(model.config, state.previous)
+    set_chunked_loss(model, None)
+    set_tiled_mlp(model, None)
     for m in _attention_modules(model):
         if hasattr(m, "_ring_attention"):
             del m._ring_attention
