@@ -150,6 +150,9 @@ def parse_args(argv=None):
     p.add_argument("--cp-size", type=int, default=None, help="ranks per context-parallel group (default: all processes, or HF_RING_ATTENTION_CP_SIZE)")
     p.add_argument("--layout", default="zigzag", choices=["zigzag", "contiguous", "striped"], help="how sequences are split (default: zigzag)")
     p.add_argument("--backend", default=None, choices=["flash_attn", "torch", "cpu"], help="attention kernels (default: automatic)")
+    p.add_argument("--chunked-loss", action=argparse.BooleanOptionalAction, default=True,
+                   help="compute the loss over chunks of tokens, never holding the [tokens, vocab] logits (default: on)")
+    p.add_argument("--tiled-mlp", action="store_true", help="run each layer's MLP over chunks of tokens under recomputation")
     p.add_argument("--batch-size", type=int, default=4, help="sequences per data-parallel replica per micro-step (default: 4)")
     p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default: 1)")
     p.add_argument("--max-steps", type=int, default=300, help="optimizer steps (default: 300)")
@@ -232,7 +235,8 @@ def main(argv=None):
     refuse_single_process_cpu_launch()
     accelerator = Accelerator(cpu=args.cpu or not torch.cuda.is_available(), gradient_accumulation_steps=args.grad_accum)
     set_seed(args.seed)  # the same data order on every rank of a context-parallel group
-    cp = ContextParallelPlugin(cp_size=args.cp_size, layout=args.layout, backend=args.backend)
+    cp = ContextParallelPlugin(cp_size=args.cp_size, layout=args.layout, backend=args.backend,
+                               chunked_loss=args.chunked_loss, tiled_mlp=args.tiled_mlp)
     mesh = cp.setup(accelerator)
     train_set, eval_set = datasets_for(args)
     model = build_model(args)
@@ -282,7 +286,8 @@ def main(argv=None):
     metrics = {"train_loss": last_loss, "eval_loss": eval_loss, "eval_accuracy": correct / max(total, 1),
                "eval_examples": total, "tokens_per_second": tokens / train_time, "train_seconds": train_time,
                "peak_memory_gib_per_rank": memory, "processes": accelerator.num_processes,
-               "cp_size": mesh.cp_size, "seq_len": args.seq_len}
+               "cp_size": mesh.cp_size, "seq_len": args.seq_len, "chunked_loss": args.chunked_loss,
+               "tiled_mlp": args.tiled_mlp}
     accelerator.print(f"eval: loss {eval_loss:.4f}, exact-match accuracy {correct}/{total}")
     accelerator.print(f"peak memory per rank (GiB): {memory}")
 

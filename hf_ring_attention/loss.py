@@ -71,6 +71,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         dh = torch.empty_like(hidden) if need_h else None
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         db = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        product = None
         for start in range(0, n, chunk_size):
             end = min(start + chunk_size, n)
             h = hidden[start:end].to(dtype)
@@ -85,6 +86,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             lse = (top + norm.log())[:, 0]
             total += torch.where(valid, lse - picked, 0.0).sum()
             if not (need_h or need_w or need_b):
+                del z
                 continue
             # d(loss)/d(logits) = scale * (softmax - onehot(target)), 0 on ignored rows
             z.div_(norm).scatter_add_(1, index, -valid[:, None].float())
@@ -93,10 +95,14 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             del z
             if need_h:
                 dh[start:end] = (g @ w).to(dh.dtype)
-            if need_w:
-                dw += (g.T @ h).float() if dtype != torch.float32 else g.T @ h
+            if need_w and dtype == torch.float32:
+                dw.addmm_(g.T, h)
+            elif need_w:  # the product in the compute dtype, summed over chunks in float32
+                product = torch.mm(g.T, h, out=product) if product is not None else g.T @ h
+                dw += product
             if need_b:
                 db += g.float().sum(0)
+            del g  # before the next chunk's logits exist
         ctx.grads = (dh, dw, db)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return total * scale

@@ -39,6 +39,7 @@ class _TiledMLP(torch.autograd.Function):
             if out is None:
                 out = piece.new_empty(flat.shape[0], piece.shape[-1])
             out[s:s + chunk] = piece
+            del piece
         ctx.save_for_backward(x)
         ctx.mlp, ctx.chunk, ctx.params = mlp, chunk, params
         return out.view(*x.shape[:-1], out.shape[-1])
@@ -66,6 +67,7 @@ class _TiledMLP(torch.autograd.Function):
             for i, g in enumerate(grads[int(need_x):]):
                 if g is not None:
                     dparams[i] = g.float() if dparams[i] is None else dparams[i].add_(g)
+            del out, grads  # this chunk's recomputed graph, before the next one is made
         result = iter(None if d is None else d.to(p.dtype) for d, p in zip(dparams, params))
         dparams_all = [next(result) if need else None for need in ctx.needs_input_grad[3:]]
         return (None, None, dx.view_as(x) if need_x else None, *dparams_all)
