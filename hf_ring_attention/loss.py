@@ -288,8 +288,15 @@ def _chunked_forward(original):
                 f"not transformers' ForCausalLMLoss; the chunked loss computes only the latter "
                 f"(patch_model(..., chunked_loss=False))"
             )
-        outputs = self.base_model(**arguments)
         head = self.get_output_embeddings()
+        if type(head) is not torch.nn.Linear or _compat.module_has_hooks(head):
+            raise NotImplementedError(
+                f"the language-model head is now {type(head).__name__}"
+                f"{' with forward hooks' if _compat.module_has_hooks(head) else ''}; the chunked loss reads "
+                f"the weight of a plain torch.nn.Linear and would bypass it (was the model wrapped after "
+                f"patch_model?). Patch after wrapping, or pass chunked_loss=False."
+            )
+        outputs = self.base_model(**arguments)
         loss = chunked_causal_lm_loss(
             outputs.last_hidden_state, head.weight, labels, bias=head.bias,
             shift_labels=arguments.get("shift_labels"), num_items_in_batch=arguments.get("num_items_in_batch"),

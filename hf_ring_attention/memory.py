@@ -1,7 +1,7 @@
 """Will it fit? Per-rank memory of one training step under ring attention, from a model config.
 
-    python -m hf_ring_attention.memory --model meta-llama/Llama-3.1-8B --seq-len 131072 --cp-size 8 \\
-        --chunked-loss --gradient-checkpointing --gpu-memory 80
+    python -m hf_ring_attention.memory --model meta-llama/Llama-3.2-1B --seq-len 131072 --cp-size 8 \\
+        --chunked-loss --gpu-memory 80
 
 or, in code, :func:`estimate_memory` (one setting) and :func:`longest_sequence` (the longest
 sequence within a memory budget). Nothing is downloaded but the config; a local ``config.json``
@@ -72,7 +72,6 @@ class ModelShape:
     vocab_size: int
     num_parameters: int
     head_parameters: int
-    largest_parameter: int
     qk_norm: bool
 
     @classmethod
@@ -89,8 +88,11 @@ class ModelShape:
             )
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
-        params = list(model.parameters())  # tied weights once
+        params = list(model.parameters())  # tied weights once...
         head = model.get_output_embeddings().weight
+        embed = model.get_input_embeddings().weight
+        if getattr(config, "tie_word_embeddings", False) and head is not embed:
+            params = [p for p in params if p is not head]  # ...which transformers 5.0 leaves untied on meta
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         return cls(
@@ -98,7 +100,7 @@ class ModelShape:
             num_layers=config.num_hidden_layers, num_heads=heads,
             num_kv_heads=getattr(config, "num_key_value_heads", None) or heads, head_dim=head_dim,
             vocab_size=config.vocab_size, num_parameters=sum(p.numel() for p in params),
-            head_parameters=head.numel(), largest_parameter=max(p.numel() for p in params),
+            head_parameters=head.numel(),
             qk_norm=model_type == "qwen3",
         )
 
@@ -313,16 +315,21 @@ def format_estimate(est: MemoryEstimate, shape: ModelShape, gpu_memory_gib: floa
     ]
     for name, value in est.parts().items():
         lines.append(f"  {name:<20} {_gib(value)}")
-    lines.append(f"  {'peak':<20} {_gib(est.peak)}   (weights + optimizer state + the largest of:")
-    for name, value in est.moments.items():
-        lines.append(f"  {'':<20} {'':>8}    {name} {value / GIB:.2f})")
+    moments = ", ".join(f"{name} {value / GIB:.2f}" for name, value in est.moments.items())
+    lines.append(f"  {'peak':<20} {_gib(est.peak)}   = weights + optimizer state + the largest moment")
+    lines.append(f"  {'':<20} {'':>8}     ({moments})")
     if gpu_memory_gib is not None:
         budget = (1 - headroom) * gpu_memory_gib
         verdict = "fits" if est.fits(gpu_memory_gib, headroom) else "does NOT fit"
         lines += ["", f"{verdict} in {budget:.1f} GiB ({gpu_memory_gib} GiB less {headroom:.0%} headroom)"]
-        if longest is not None:
+        if longest:
             lines.append(f"longest sequence that fits with cp_size={s['cp_size']}: {longest} tokens "
                          f"({longest // s['cp_size']} per rank)")
+        elif longest is not None:
+            fixed = (est.weights + est.gradients + est.optimizer_state) / GIB
+            lines.append(f"no sequence fits with cp_size={s['cp_size']}: weights, gradients and optimizer "
+                         f"state alone take {fixed:.1f} GiB per rank (every rank holds all of them; "
+                         f"sharding them with FSDP or ZeRO is not modelled)")
     lines += ["", "assumptions: weights, gradients and activations in the dtype above; AdamW states in "
               "float32; no CUDA context, library work spaces, fragmentation or DDP buckets "
               "(keep headroom); see `python -m hf_ring_attention.memory --help`"]

@@ -3,7 +3,7 @@ intermediate activations never exist for the whole sequence.
 
 Once the logits are chunked (:mod:`hf_ring_attention.loss`), the MLPs keep the most memory for
 the backward pass: a gated MLP (Llama, Mistral, Qwen) keeps four ``[tokens, intermediate]``
-tensors per layer (the gate and up projections, the activation, their product), about 60% of
+tensors per layer (the gate and up projections, the activation, their product), more than half of
 a layer's activations. With ``patch_model(model, tiled_mlp=True)`` every layer's MLP keeps only
 its input instead: the forward runs the MLP chunk by chunk without recording a graph, and the
 backward recomputes one chunk at a time and backpropagates through it. The price is one more

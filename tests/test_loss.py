@@ -38,6 +38,14 @@ def _standard(hidden, weight, bias, labels, **kwargs):
     return ForCausalLMLoss(logits, labels, vocab_size=weight.shape[0], **kwargs)
 
 
+def _reference64(hidden, weight, bias, labels, num_items_in_batch=None):
+    """The causal-LM loss in float64 throughout (ForCausalLMLoss itself reduces in float32)."""
+    logits = F.linear(hidden.double(), weight.double(), None if bias is None else bias.double())
+    targets = F.pad(labels, (0, 1), value=-100)[..., 1:]
+    total = F.cross_entropy(logits.reshape(-1, weight.shape[0]), targets.reshape(-1), reduction="sum")
+    return total / (num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum())
+
+
 def _grads(loss_fn, tensors):
     leaves = [t.detach().clone().requires_grad_() if t is not None and t.is_floating_point() else t for t in tensors]
     loss = loss_fn(*leaves)
@@ -50,7 +58,7 @@ def _grads(loss_fn, tensors):
 def test_loss_and_gradients_equal_the_full_logits_path(chunk, num_items):
     hidden, weight, bias, labels = _inputs()
     kwargs = {} if num_items is None else {"num_items_in_batch": torch.tensor(17) if num_items == "tensor" else num_items}
-    ref64, grads64 = _grads(lambda h, w, b, y: _standard(h, w, b, y, **kwargs), [t.double() if t.is_floating_point() else t for t in (hidden, weight, bias, labels)])
+    ref64, grads64 = _grads(lambda h, w, b, y: _reference64(h, w, b, y, **kwargs), [t.double() if t.is_floating_point() else t for t in (hidden, weight, bias, labels)])
     ref, grads = _grads(lambda h, w, b, y: _standard(h, w, b, y, **kwargs), [hidden, weight, bias, labels])
     got, got_grads = _grads(lambda h, w, b, y: chunked_causal_lm_loss(h, w, y, bias=b, chunk_size=chunk, **kwargs),
                             [hidden, weight, bias, labels])
@@ -125,7 +133,7 @@ def test_bfloat16_weights_give_bfloat16_gradients_close_to_float64():
     hidden, weight, bias, labels = _inputs()
     got, got_grads = _grads(lambda h, w, b, y: chunked_causal_lm_loss(h, w, y, bias=b, chunk_size=5),
                             [t.bfloat16() if t.is_floating_point() else t for t in (hidden, weight, bias, labels)])
-    ref, grads = _grads(lambda h, w, b, y: _standard(h, w, b, y),
+    ref, grads = _grads(lambda h, w, b, y: _reference64(h, w, b, y),
                         [t.bfloat16().double() if t.is_floating_point() else t for t in (hidden, weight, bias, labels)])
     assert got.dtype == torch.float32 and abs(got.item() - ref.item()) <= 2e-2 * ref.item()
     for g, r in zip(got_grads, grads):
@@ -242,6 +250,10 @@ def test_heads_and_losses_the_chunked_loss_cannot_reproduce_are_refused():
     with pytest.raises(NotImplementedError, match="forward was already replaced"):
         hra.patch_model(model, chunked_loss=True)
     assert not hra.is_patched(model), "a refusal leaves the model untouched"
+    model = hra.patch_model(tiny_model("llama"), chunked_loss=True).train()
+    model.lm_head.register_forward_hook(lambda *args: None)  # e.g. an adapter added after patching
+    with pytest.raises(NotImplementedError, match="Linear with forward hooks"):
+        model(**batches()["one sequence"])
     model = hra.patch_model(tiny_model("llama"), chunked_loss=True).train()
     model.loss_function = lambda *args, **kwargs: 0
     with pytest.raises(NotImplementedError, match="not transformers' ForCausalLMLoss"):
