@@ -9,10 +9,17 @@ The model is a ``LlamaForCausalLM`` built from a ``LlamaConfig`` (no download; d
   gradient of the output, and ``peak`` the most memory used above them during
   ``ring_attention(q, k, v).backward(dout)`` (outputs, log-sum-exp, float32 accumulators,
   gradients, kernel work space, K/V in flight).
-* ``--model``: the whole model patched with :func:`hf_ring_attention.patch_model`, a batch of one
-  row of T random tokens sharded with :func:`hf_ring_attention.shard_batch`, and
-  ``model(**shard).loss.backward()``; ``inputs`` is then the weights, and ``peak`` everything
-  the step adds (activations of every layer, logits and loss, parameter gradients). CPU only.
+* ``--model``: a whole training step of the model patched with
+  :func:`hf_ring_attention.patch_model`: a batch of one row of T random tokens sharded with
+  :func:`hf_ring_attention.shard_batch`, ``model(**shard).loss.backward()``, an AdamW step
+  (``foreach``, as on GPUs; ``--optimizer none`` leaves it out) and ``zero_grad()``. ``inputs``
+  is then what is resident before the step (weights and AdamW's two states per weight, made by
+  a warm-up step), and ``peak`` everything the step adds (activations of every layer, logits and
+  loss, gradients, the optimizer's temporaries). ``--loss standard,chunked`` and ``--mlp
+  standard,tiled`` measure every combination side by side (each point in fresh processes, the
+  combinations of one point one after the other); ``--estimate`` prints
+  :func:`hf_ring_attention.memory.estimate_memory` beside every measurement, and
+  ``--time-steps K`` times K more steps per point (median tokens per second). CPU only.
 
 How:
 
@@ -31,17 +38,23 @@ How:
 
     python benchmarks/memory.py --out results.json            # attention of one layer
     python benchmarks/memory.py --model --out results.json    # whole training step
+    python benchmarks/memory.py --model --vocab-size 32768 --loss standard,chunked --estimate
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import os
 
 import torch
 import torch.distributed as dist
 
-from common import default_device, machine_info, parse_dtype, parse_sizes, print_machine, print_table, run_ranks, size_label, write_json
+import statistics
+import time
+
+from common import (default_device, machine_info, parse_dtype, parse_names, parse_sizes, print_machine, print_table,
+                    run_ranks, size_label, write_json)
 from hf_ring_attention import LAYOUTS, InProcessRing, ring_attention
 from hf_ring_attention.kernels import get_kernel, resolve_scale
 
@@ -64,6 +77,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=4, help="Llama layers (default 4; used with --model)")
     p.add_argument("--intermediate-size", type=int, default=688, help="Llama MLP size (default 688; --model)")
     p.add_argument("--vocab-size", type=int, default=1024, help="Llama vocabulary (default 1024; --model)")
+    p.add_argument("--loss", type=parse_names, default=["standard"],
+                   help="--model: standard and/or chunked (patch_model(chunked_loss=True)), e.g. standard,chunked")
+    p.add_argument("--mlp", type=parse_names, default=["standard"],
+                   help="--model: standard and/or tiled (patch_model(tiled_mlp=True))")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="--model: checkpoint every layer")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "none"],
+                   help="--model: AdamW step in the measured step (default) or none")
+    p.add_argument("--estimate", action="store_true",
+                   help="--model: print hf_ring_attention.memory's estimate beside every measurement")
+    p.add_argument("--time-steps", type=int, default=0,
+                   help="--model: time this many more steps per point (median tokens/s; default 0)")
     p.add_argument("--layout", default="zigzag", choices=LAYOUTS, help="default zigzag")
     p.add_argument("--dtype", type=parse_dtype, default=None, help="default float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--budget-gib", type=float, default=None,
@@ -160,35 +184,53 @@ def memory_worker(rank: int, world_size: int, cfg: dict) -> dict:
 
 
 def model_worker(rank: int, world_size: int, cfg: dict) -> dict:
-    """One rank of one (P, T) point of ``--model``: peak RSS above the weights during
-    ``model(**shard_batch(batch)).loss.backward()``."""
+    """One rank of one (P, T) point of ``--model``: peak RSS above what is resident before (the
+    weights and the optimizer state) during one training step, and the step's time."""
     mmapped = _mmap_large_allocations()
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from hf_ring_attention import patch_model, shard_batch
 
     torch.manual_seed(0)  # the same weights on every rank
-    model = patch_model(LlamaForCausalLM(LlamaConfig(**cfg["config"])), layout=cfg["layout"]).train()
-    weights = sum(p.numel() * p.element_size() for p in model.parameters()) / MIB
+    model = patch_model(LlamaForCausalLM(LlamaConfig(**cfg["config"])), layout=cfg["layout"],
+                        chunked_loss=cfg["loss"] == "chunked", tiled_mlp=cfg["mlp"] == "tiled").train()
+    if cfg["gradient_checkpointing"]:
+        model.gradient_checkpointing_enable()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True) if cfg["optimizer"] == "adamw" else None
     gen = torch.Generator().manual_seed(0)  # the same batch on every rank
 
     def sharded(tokens: int) -> dict:
         ids = torch.randint(0, cfg["config"]["vocab_size"], (1, tokens), generator=gen)
         return shard_batch({"input_ids": ids, "labels": ids}, layout=cfg["layout"])
 
-    model(**sharded(16 * world_size)).loss.backward()  # warm-up at a tiny size
-    model.zero_grad(set_to_none=True)  # parameter gradients are part of the measured step
+    def step(batch: dict) -> None:
+        model(**batch).loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+        model.zero_grad(set_to_none=True)
+
+    step(sharded(16 * world_size))  # warm-up at a tiny size: makes the optimizer state
     gc.collect()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) / MIB
+    state = 0.0 if optimizer is None else sum(
+        t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)) / MIB
     batch = sharded(cfg["tokens"])
     _barrier()
     before = _status_mib("VmRSS")
     reset = _reset_peak_rss()
-    model(**batch).loss.backward()
+    start = time.perf_counter()
+    step(batch)
+    seconds = [time.perf_counter() - start]
     peak = (_status_mib("VmHWM") if reset else _ru_maxrss_mib()) - before
+    for _ in range(cfg["time_steps"]):
+        _barrier()
+        start = time.perf_counter()
+        step(batch)
+        seconds.append(time.perf_counter() - start)
     _barrier()
     method = "VmHWM reset by clear_refs" if reset else "ru_maxrss (process lifetime peak)"
-    return {"inputs_mib": weights, "peak_mib": peak,
-            "method": method + ("; allocations >= 64 KiB mmapped" if mmapped else "; default malloc")}
+    return {"inputs_mib": weights + state, "weights_mib": weights, "optimizer_mib": state, "peak_mib": peak,
+            "step_s": seconds, "method": method + ("; allocations >= 64 KiB mmapped" if mmapped else "; default malloc")}
 
 
 def _ru_maxrss_mib() -> float:
@@ -197,10 +239,23 @@ def _ru_maxrss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
-def measure_cpu(P: int, T: int, shapes: dict, args) -> list[dict]:
+def measure_cpu(P: int, T: int, shapes: dict, args, variant: dict | None = None) -> list[dict]:
     cfg = {"tokens": T, "shapes": shapes, "layout": args.layout, "dtype": str(args.dtype).replace("torch.", ""),
-           "config": llama_config(args)}
+           "config": llama_config(args), "gradient_checkpointing": args.gradient_checkpointing,
+           "optimizer": args.optimizer, "time_steps": args.time_steps, **(variant or {})}
     return run_ranks(model_worker if args.model else memory_worker, P, cfg, threads=1)
+
+
+def estimate_mib(P: int, T: int, args, variant: dict) -> float:
+    """The peak per rank that hf_ring_attention.memory predicts for this point (MiB)."""
+    from transformers import LlamaConfig
+
+    from hf_ring_attention.memory import estimate_memory
+
+    est = estimate_memory(LlamaConfig(**llama_config(args)), T, P, dtype="float32",
+                          chunked_loss=variant["loss"] == "chunked", tiled_mlp=variant["mlp"] == "tiled",
+                          gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer)
+    return est.peak / MIB
 
 
 # ------------------------------------------------------------------------------------ CUDA
@@ -259,6 +314,10 @@ def main(argv=None) -> dict:
     if args.model and device.type != "cpu":
         raise SystemExit("--model runs P gloo processes on CPU; on GPUs launch one process per GPU "
                          "(examples/finetune.py prints the peak memory of every rank)")
+    if args.model:
+        bad = [n for n in args.loss if n not in ("standard", "chunked")] + [n for n in args.mlp if n not in ("standard", "tiled")]
+        if bad:
+            raise SystemExit(f"--loss takes standard,chunked and --mlp standard,tiled; got {bad}")
     if args.model and args.dtype not in (None, torch.float32):
         raise SystemExit("--model trains the Llama in float32; leave --dtype unset")
     if args.dtype is None:
@@ -277,46 +336,110 @@ def main(argv=None) -> dict:
     machine = machine_info(device, backend, threads=1 if device.type == "cpu" else None)
     print_machine(machine)
     what = (f"a training step of the whole model patched with patch_model (vocabulary {shapes['vocab_size']}, "
-            f"MLP {shapes['intermediate_size']})" if args.model else "one layer's attention")
-    inputs = "weights" if args.model else "inputs"
+            f"MLP {shapes['intermediate_size']}, optimizer {args.optimizer}"
+            f"{', gradient checkpointing' if args.gradient_checkpointing else ''})" if args.model else "one layer's attention")
+    inputs = "weights + optimizer" if args.model else "inputs"
     print(f"Llama: hidden {shapes['hidden_size']}, {shapes['layers']} layers, {shapes['heads']} heads, "
           f"{shapes['kv_heads']} key/value heads, head_dim {shapes['head_dim']}; {what}, "
           f"{str(args.dtype).replace('torch.', '')}, layout {args.layout}"
           + ("; gloo processes, torch.set_num_threads(1) each" if device.type == "cpu" else ""), flush=True)
     measure = measure_cpu if device.type == "cpu" else measure_cuda
+    variants = [{}]
+    if args.model:
+        variants = [{"loss": loss, "mlp": mlp} for loss in args.loss for mlp in args.mlp]
     rows = []
     for P in args.world_sizes:
         for T in args.seq_lens:
-            ranks = measure(P, T, shapes, args)
-            worst = max(ranks, key=lambda r: r["inputs_mib"] + r["peak_mib"])
-            row = {"world_size": P, "seq_len": T, "tokens_per_rank": T // P, "inputs_mib": worst["inputs_mib"],
-                   "peak_mib": worst["peak_mib"], "total_mib": worst["inputs_mib"] + worst["peak_mib"],
-                   "peak_mib_per_rank": [r["peak_mib"] for r in ranks], "method": worst["method"]}
-            rows.append(row)
-            print(f"P={P} T={size_label(T):>5}: {inputs} {row['inputs_mib']:.1f} MiB + peak {row['peak_mib']:.1f} MiB "
-                  f"= {row['total_mib']:.1f} MiB on the fullest rank", flush=True)
+            for variant in variants:
+                ranks = measure(P, T, shapes, args, variant) if variant else measure(P, T, shapes, args)
+                rows.append(_row(P, T, ranks, variant, args))
+                _print_row(rows[-1], inputs)
     budget_mib = args.budget_gib * 1024
     fits = []
     for P in args.world_sizes:
-        measured, extrapolated = longest_fitting([r for r in rows if r["world_size"] == P], budget_mib)
-        fits.append({"world_size": P, "budget_gib": args.budget_gib, "longest_measured_fitting": measured,
-                     "extrapolated": extrapolated})
+        for variant in variants:
+            points = [r for r in rows if r["world_size"] == P and all(r[k] == v for k, v in variant.items())]
+            measured, extrapolated = longest_fitting(points, budget_mib)
+            fits.append({"world_size": P, **variant, "budget_gib": args.budget_gib,
+                         "longest_measured_fitting": measured, "extrapolated": extrapolated})
+    comparisons = _comparisons(rows) if args.model else []
 
     print()
     print_machine(machine)
-    print_table(rows, [("world_size", "P", ""), ("seq_len", "tokens", ""), ("tokens_per_rank", "tokens/rank", ""),
-                       ("inputs_mib", f"{inputs} MiB", ".1f"), ("peak_mib", "peak MiB", ".1f"),
-                       ("total_mib", f"{inputs} + peak MiB", ".1f")])
+    columns = [("world_size", "P", ""), ("seq_len", "tokens", ""), ("tokens_per_rank", "tokens/rank", "")]
+    if args.model:
+        columns += [("loss", "loss", ""), ("mlp", "MLP", "")]
+    columns += [("inputs_mib", f"{inputs} MiB", ".1f"), ("peak_mib", "peak MiB", ".1f"),
+                ("total_mib", f"{inputs} + peak MiB", ".1f")]
+    if args.estimate:
+        columns += [("estimate_mib", "estimate MiB", ".1f"), ("estimate_error", "estimate / measured - 1", "+.3f")]
+    if args.time_steps:
+        columns += [("tokens_per_s", "tokens/s", ".0f")]
+    print_table(rows, columns)
+    if comparisons:
+        print("\nside by side (same P and tokens): peak total and tokens/s relative to the standard loss and MLP")
+        print_table(comparisons, [("world_size", "P", ""), ("seq_len", "tokens", ""), ("loss", "loss", ""),
+                                  ("mlp", "MLP", ""), ("memory_ratio", "memory ratio", ".3f"),
+                                  ("throughput_ratio", "throughput ratio", ".3f")])
     print(f"\nlongest sequence within {args.budget_gib} GiB per rank ({inputs} + peak)")
-    print_table(fits, [("world_size", "P", ""), ("longest_measured_fitting", "longest measured", ""),
-                       ("extrapolated", "linear extrapolation", "")])
+    print_table(fits, [("world_size", "P", "")] + ([("loss", "loss", ""), ("mlp", "MLP", "")] if args.model else [])
+                + [("longest_measured_fitting", "longest measured", ""), ("extrapolated", "linear extrapolation", "")])
     settings = {k: v for k, v in vars(args).items() if k != "dtype"}
     settings["dtype"] = str(args.dtype).replace("torch.", "")
     payload = {"benchmark": "memory", "mode": "model" if args.model else "attention", "machine": machine,
                "settings": settings, "model": shapes,
-               "results": rows, "fits": fits}
+               "results": rows, "fits": fits, "comparisons": comparisons}
+    if args.model:
+        payload["machine"]["load_average_1min_end"] = round(os.getloadavg()[0], 2)
     write_json(args.out, payload)
     return payload
+
+
+def _row(P: int, T: int, ranks: list[dict], variant: dict, args) -> dict:
+    worst = max(ranks, key=lambda r: r["inputs_mib"] + r["peak_mib"])
+    row = {"world_size": P, "seq_len": T, "tokens_per_rank": T // P, **variant, "inputs_mib": worst["inputs_mib"],
+           "peak_mib": worst["peak_mib"], "total_mib": worst["inputs_mib"] + worst["peak_mib"],
+           "peak_mib_per_rank": [r["peak_mib"] for r in ranks], "method": worst["method"]}
+    if args.model:
+        row["weights_mib"], row["optimizer_mib"] = worst["weights_mib"], worst["optimizer_mib"]
+        # a step ends when its slowest rank does; the median over the timed steps
+        steps = [max(r["step_s"][i] for r in ranks) for i in range(len(ranks[0]["step_s"]))]
+        row["step_s"] = steps
+        if args.time_steps:
+            row["tokens_per_s"] = T / statistics.median(steps[1:])
+    if args.estimate and args.model:
+        row["estimate_mib"] = estimate_mib(P, T, args, variant)
+        row["estimate_error"] = row["estimate_mib"] / row["total_mib"] - 1
+    return row
+
+
+def _print_row(row: dict, inputs: str) -> None:
+    variant = f" loss {row['loss']:<8} MLP {row['mlp']:<8}" if "loss" in row else ""
+    extra = ""
+    if "estimate_mib" in row:
+        extra += f"; estimate {row['estimate_mib']:.1f} MiB ({row['estimate_error']:+.1%})"
+    if "tokens_per_s" in row:
+        extra += f"; {row['tokens_per_s']:.0f} tokens/s"
+    print(f"P={row['world_size']} T={size_label(row['seq_len']):>5}{variant}: {inputs} {row['inputs_mib']:.1f} MiB + "
+          f"peak {row['peak_mib']:.1f} MiB = {row['total_mib']:.1f} MiB on the fullest rank{extra}", flush=True)
+
+
+def _comparisons(rows: list[dict]) -> list[dict]:
+    """Every non-standard variant against the standard one at the same (P, T)."""
+    out = []
+    for r in rows:
+        if r["loss"] == "standard" and r["mlp"] == "standard":
+            continue
+        base = next((b for b in rows if (b["world_size"], b["seq_len"], b["loss"], b["mlp"])
+                     == (r["world_size"], r["seq_len"], "standard", "standard")), None)
+        if base is None:
+            continue
+        cmp = {"world_size": r["world_size"], "seq_len": r["seq_len"], "loss": r["loss"], "mlp": r["mlp"],
+               "memory_ratio": r["total_mib"] / base["total_mib"], "throughput_ratio": None}
+        if "tokens_per_s" in r and "tokens_per_s" in base:
+            cmp["throughput_ratio"] = r["tokens_per_s"] / base["tokens_per_s"]
+        out.append(cmp)
+    return out
 
 
 if __name__ == "__main__":

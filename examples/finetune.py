@@ -287,6 +287,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--cp-size", type=int, default=None, help="ranks per context-parallel group (default: all processes, or HF_RING_ATTENTION_CP_SIZE)")
     p.add_argument("--layout", default="zigzag", choices=["zigzag", "contiguous", "striped"], help="how sequences are split (default: zigzag)")
     p.add_argument("--backend", default=None, choices=["flash_attn_4", "flash_attn", "torch_flash", "cpu"], help="attention kernels (default: automatic)")
+    p.add_argument("--chunked-loss", action=argparse.BooleanOptionalAction, default=True,
+                   help="compute the loss over chunks of tokens, never holding the [tokens, vocab] logits (default: on)")
+    p.add_argument("--tiled-mlp", action="store_true", help="run each layer's MLP over chunks of tokens under recomputation")
     p.add_argument("--batch-size", type=int, default=4, help="sequences per data-parallel replica per micro-step (default: 4)")
     p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default: 1)")
     p.add_argument("--max-steps", type=int, default=300, help="optimizer steps (default: 300)")
@@ -605,7 +608,8 @@ def main(argv=None):
         if args.overwrite:
             clear_output_dir(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-    cp = ContextParallelPlugin(cp_size=args.cp_size, layout=args.layout, backend=args.backend)
+    cp = ContextParallelPlugin(cp_size=args.cp_size, layout=args.layout, backend=args.backend,
+                               chunked_loss=args.chunked_loss, tiled_mlp=args.tiled_mlp)
     mesh = cp.setup(accelerator)
     if args.fsdp:
         model = fully_shard_model(model, accelerator)
@@ -680,7 +684,8 @@ def main(argv=None):
     memory = peak_memory_gib(accelerator)
     metrics = {"train_loss": last_loss, **results, "tokens_per_second": tokens / train_time,
                "train_seconds": train_time, "peak_memory_gib_per_rank": memory,
-               "processes": accelerator.num_processes, "cp_size": mesh.cp_size, "seq_len": args.seq_len}
+               "processes": accelerator.num_processes, "cp_size": mesh.cp_size, "seq_len": args.seq_len,
+               "chunked_loss": args.chunked_loss, "tiled_mlp": args.tiled_mlp}
     if args.dataset is None:
         say(f"eval: loss {results['eval_loss']:.4f}, exact-match accuracy "
             f"{round(results['eval_accuracy'] * results['eval_examples'])}/{results['eval_examples']}")

@@ -76,6 +76,16 @@ def loss_type(model) -> str | None:
     return getattr(model, "loss_type", None)
 
 
+# ------------------------------------------------------------------------------------- torch
+# Checked against torch 2.11 and 2.13.
+
+
+def module_has_hooks(module) -> bool:
+    """Whether forward hooks or pre-hooks are registered on ``module`` itself (torch keeps them
+    in private ordered dicts; global hooks are not counted)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
 # -------------------------------------------------------------------------------- accelerate
 # Checked against accelerate 1.10.0, 1.10.1 and 1.15.0.
 
@@ -248,7 +258,19 @@ def _probe_fsdp_divide_factor() -> bool:
             and "self.gradient_divide_factor" in inspect.getsource(FSDPParamGroup.__init__))
 
 
+def _probe_module_hooks() -> bool:
+    import torch
+
+    module = torch.nn.Linear(1, 1)
+    before = module_has_hooks(module)
+    handle = module.register_forward_hook(lambda *args: None)
+    during = module_has_hooks(module)
+    handle.remove()
+    return not before and during and not module_has_hooks(module)
+
+
 PROBES: dict[str, Callable[[], bool]] = {
+    "torch Module._forward_hooks and _forward_pre_hooks": _probe_module_hooks,
     "transformers PretrainedConfig._attn_implementation_internal": _probe_config,
     "transformers.masking_utils.flash_attention_mask": _probe_mask_function,
     "transformers Trainer.__init__ calls callback_handler.on_init_end (the callback finds its Trainer)":

@@ -122,12 +122,15 @@ def mesh_layout(world_size: int, cp_size: int, fsdp_replicas: int | None = None)
 class ContextParallelSetup:
     """Options and state shared by :class:`~hf_ring_attention.accelerate.ContextParallelPlugin`
     and :class:`~hf_ring_attention.trainer.RingAttentionCallback`; the options (``cp_size``,
-    ``layout``, ``backend``, ``check_batches``) are documented there."""
+    ``layout``, ``backend``, ``check_batches``, ``chunked_loss``, ``tiled_mlp``) are documented
+    there."""
 
     cp_size: int | None = None
     layout: str = "zigzag"
     backend: str | None = None
     check_batches: bool = True
+    chunked_loss: bool | int = False
+    tiled_mlp: bool | int = False
     mesh: CPMesh | None = field(default=None, init=False, repr=False)
     model: object = field(default=None, init=False, repr=False)  # the patched transformers model
 
@@ -190,7 +193,8 @@ class ContextParallelSetup:
 
         model = transformers_model(model)
         check_trainable(model)
-        self.model = patch_model(model, group=self.group, layout=self.layout, backend=self.backend)
+        self.model = patch_model(model, group=self.group, layout=self.layout, backend=self.backend,
+                                 chunked_loss=self.chunked_loss, tiled_mlp=self.tiled_mlp)
         return self.model
 
     def shard(self, batch: dict) -> dict:

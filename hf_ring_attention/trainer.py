@@ -44,11 +44,17 @@ class RingAttentionCallback(TrainerCallback):
         check_batches (`bool`): check every batch (default): at its first attention layer the
             patched model all-gathers a checksum of the full batch over the group, and every rank
             raises if the ranks were given different batches (one small all-gather per batch).
+        chunked_loss (`bool` or `int`): compute the training loss over chunks of tokens, never
+            holding the ``[tokens, vocab]`` logits (an int: the chunk size in tokens); training
+            forwards then return no logits. See :func:`~hf_ring_attention.patch_model`.
+        tiled_mlp (`bool` or `int`): run each decoder layer's MLP over chunks of tokens under
+            recomputation (an int: the chunk size in tokens). See :func:`~hf_ring_attention.patch_model`.
     """
 
     def __init__(self, cp_size: int | None = None, layout: str = "zigzag", backend: str | None = None,
-                 check_batches: bool = True):
-        self.cp = ContextParallelSetup(cp_size, layout, backend, check_batches)
+                 check_batches: bool = True, chunked_loss: bool | int = False, tiled_mlp: bool | int = False):
+        self.cp = ContextParallelSetup(cp_size, layout, backend, check_batches,
+                                       chunked_loss=chunked_loss, tiled_mlp=tiled_mlp)
 
     @property
     def group(self):

@@ -23,6 +23,8 @@ from .batch import RingBatch, batch_structure, check_edge_padding, check_same_ba
 from .distributed import group_rank, group_size
 from .families import ROUTER_AUX_LOSS, attention_modules, check_model
 from .layout import check_layout
+from .loss import resolve_chunked_loss, set_chunked_loss
+from .mlp import resolve_tiled_mlp, set_tiled_mlp
 from .ring import ring_attention_with_plan
 
 if TYPE_CHECKING:
@@ -244,7 +246,8 @@ def _check_supported(model, group) -> None:
     check_model(model, world_size=group_size(group))
 
 
-def patch_model(model, *, group: ProcessGroup | None = None, layout: str = "zigzag", backend: str | None = None):
+def patch_model(model, *, group: ProcessGroup | None = None, layout: str = "zigzag", backend: str | None = None,
+                chunked_loss: bool | int = False, tiled_mlp: bool | int = False):
     """Make a transformers causal LM use ring attention. Idempotent; see :func:`unpatch_model`.
 
     Args:
@@ -259,6 +262,13 @@ def patch_model(model, *, group: ProcessGroup | None = None, layout: str = "zigz
             with the same layout (:func:`shard_batch`).
         backend (`str`, *optional*): kernel backend (``"flash_attn_4"``, ``"flash_attn"``, ``"torch_flash"``, ``"cpu"``);
             default: automatic, or the ``HF_RING_ATTENTION_BACKEND`` environment variable.
+        chunked_loss (`bool` or `int`): compute the training loss over chunks of tokens without
+            materialising the ``[tokens, vocab]`` logits (:mod:`hf_ring_attention.loss`); an int
+            is the chunk size in tokens. Training forwards given ``labels`` then return
+            ``logits=None``; evaluation and forwards without labels return logits as usual.
+        tiled_mlp (`bool` or `int`): run every decoder layer's MLP over chunks of tokens (1024,
+            or this many) and recompute it in the backward, so that it keeps only its input for
+            the backward pass (:mod:`hf_ring_attention.mlp`).
 
     Returns:
         The same ``model``, switched to the ``"hf_ring_attention"`` attention implementation. Only
@@ -273,6 +283,7 @@ def patch_model(model, *, group: ProcessGroup | None = None, layout: str = "zigz
     group_rank(group)  # raises if this process is not in the group
     target = _inner_model(model)
     _check_supported(target, group)
+    chunk, tile = resolve_chunked_loss(target, chunked_loss), resolve_tiled_mlp(target, tiled_mlp)
     state = getattr(target, "_hf_ring_attention", None)
     if state is None:
         scope = _ForwardScope()
@@ -289,6 +300,8 @@ def patch_model(model, *, group: ProcessGroup | None = None, layout: str = "zigz
     state.settings = _Settings(group, layout, backend, state.scope, state.windows)
     for m in _attention_modules(target):
         m._ring_attention = state.settings
+    set_chunked_loss(target, chunk)
+    set_tiled_mlp(target, tile)
     return model
 
 
@@ -302,6 +315,8 @@ def unpatch_model(model):
     if state is None:
         return model
     _compat.restore_attn_implementation(target.config, state.previous)
+    set_chunked_loss(target, None)
+    set_tiled_mlp(target, None)
     for hook in state.hooks:
         hook.remove()
     for m in _attention_modules(target):

@@ -44,7 +44,7 @@ def reference(dp, accumulate, packed):
     return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _train(rank, world_size, cp_size, accumulate, packed, result_path):
+def _train(rank, world_size, cp_size, accumulate, packed, result_path, memory_options=False):
     from accelerate import Accelerator
 
     from hf_ring_attention.accelerate import ContextParallelPlugin
@@ -56,7 +56,8 @@ def _train(rank, world_size, cp_size, accumulate, packed, result_path):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / STEPS)
     data = examples(STEPS * dp * accumulate * BATCH, packed)
     loader = torch.utils.data.DataLoader(data, batch_size=BATCH, shuffle=False, collate_fn=collate)
-    cp = ContextParallelPlugin(cp_size=cp_size)
+    cp = ContextParallelPlugin(cp_size=cp_size, chunked_loss=3 if memory_options else False,
+                               tiled_mlp=5 if memory_options else False)
     model, opt, loader, sched = cp.prepare(accelerator, model, opt, loader, sched)
     losses, running = [], 0.0
     for batch in loader:
@@ -76,13 +77,14 @@ def _train(rank, world_size, cp_size, accumulate, packed, result_path):
 
 
 @pytest.mark.parametrize(
-    "world_size, cp_size, accumulate, packed",
-    [(2, 2, 1, False), (2, 2, 2, True), (4, 2, 1, True), (4, 2, 2, False)],
-    ids=["cp2", "cp2-accum2-packed", "dp2xcp2-packed", "dp2xcp2-accum2"],
+    "world_size, cp_size, accumulate, packed, memory_options",
+    [(2, 2, 1, False, False), (2, 2, 2, True, False), (4, 2, 1, True, False), (4, 2, 2, False, False),
+     (2, 2, 2, True, True)],
+    ids=["cp2", "cp2-accum2-packed", "dp2xcp2-packed", "dp2xcp2-accum2", "cp2-accum2-packed-chunked-loss-tiled-mlp"],
 )
-def test_training_matches_one_process(tmp_path, world_size, cp_size, accumulate, packed):
+def test_training_matches_one_process(tmp_path, world_size, cp_size, accumulate, packed, memory_options):
     path = tmp_path / "result.pt"
-    launch(_train, world_size, cp_size, accumulate, packed, str(path))
+    launch(_train, world_size, cp_size, accumulate, packed, str(path), memory_options)
     got = torch.load(path)
     ref_losses, ref_state = reference(world_size // cp_size, accumulate, packed)
     assert len(got["losses"]) == STEPS

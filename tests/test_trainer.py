@@ -46,7 +46,7 @@ def reference():
     return losses, sum(eval_losses) / len(eval_losses), model.state_dict()
 
 
-def _train(rank, world_size, out_dir):
+def _train(rank, world_size, out_dir, memory_options):
     from transformers import Trainer, TrainingArguments
 
     from hf_ring_attention.trainer import RingAttentionCallback
@@ -63,7 +63,8 @@ def _train(rank, world_size, out_dir):
             save_strategy="steps", save_steps=2, report_to=[], use_cpu=True, seed=0,
             prediction_loss_only=True, disable_tqdm=True,
         )
-        ring = RingAttentionCallback(cp_size=2)
+        ring = RingAttentionCallback(cp_size=2, chunked_loss=3 if memory_options else False,
+                                     tiled_mlp=5 if memory_options else False)
         return SequentialTrainer(model=tiny_model("llama"), args=args,
                        train_dataset=examples(STEPS * ACCUMULATE * BATCH, packed=True),
                        eval_dataset=examples(4, packed=True, seed=1),
@@ -82,10 +83,11 @@ def _train(rank, world_size, out_dir):
                    f"{out_dir}/result.pt")
 
 
-def test_trainer_with_callback_matches_one_process(tmp_path):
+@pytest.mark.parametrize("memory_options", [False, True], ids=["standard-loss", "chunked-loss-tiled-mlp"])
+def test_trainer_with_callback_matches_one_process(tmp_path, memory_options):
     from transformers import LlamaForCausalLM
 
-    launch(_train, 2, str(tmp_path))
+    launch(_train, 2, str(tmp_path), memory_options)
     got = torch.load(tmp_path / "result.pt")
     ref_losses, ref_eval, ref_state = reference()
     # logged every 2 steps, and at the last step (forced by the callback so that the Trainer's
