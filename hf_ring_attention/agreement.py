@@ -5,7 +5,7 @@ given different document boundaries, head sizes or layouts each look fine alone,
 compute a silently wrong result or leave one rank waiting for a message that never comes. So the
 first time a plan is used, the ranks all-gather a short digest of everything the ring's messages
 and masks depend on (one small collective per plan, so once per batch, not once per layer), and
-compare. A rank whose own validation failed takes part in the same all-gather with its error
+compare; for a batch of ``shard_batch``, the same all-gather carries the batch's checksum. A rank whose own validation failed takes part in the same all-gather with its error
 flagged, so every rank raises, none hangs.
 """
 
@@ -29,6 +29,9 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 FIELDS = ("failed", "layout", "causal", "window_size", "total tokens", "documents", "cu_seqlens digest",
           "seqused digest", "query heads", "key/value heads", "head_dim", "dtype", "tokens on this rank",
           "softcap (x 1e6)", "sinks")
+# with a plan made for a batch of shard_batch (RingBatch.plan): that batch's checksum, shape and
+# real tokens, so that the same all-gather also tells whether the ranks were given the same batch
+BATCH_FIELDS = ("batch checksum", "batch rows", "batch length", "real tokens")
 
 
 def _digest(values) -> int:
@@ -40,7 +43,7 @@ def _digest(values) -> int:
 
 def _facts(plan: RingPlan | None, q, k, failed: bool, softcap, sinks) -> list[int]:
     if plan is None:  # this rank could not even build its plan: only its failure counts
-        return [1] + [-1] * (len(FIELDS) - 1)
+        return [1] + [-1] * (len(FIELDS) + len(BATCH_FIELDS) - 1)
 
     def shape(t, dim):
         return t.shape[dim] if isinstance(t, torch.Tensor) and t.dim() == 3 else -1
@@ -52,6 +55,7 @@ def _facts(plan: RingPlan | None, q, k, failed: bool, softcap, sinks) -> list[in
         _digest(plan.bounds), _digest(plan.seqused or []), shape(q, 1), shape(k, 1), shape(q, 2),
         _DTYPES.index(dtype) if dtype in _DTYPES else -1, shape(q, 0),
         round(softcap * 1e6) if isinstance(softcap, (int, float)) else -1, int(sinks is not None),
+        *(plan.batch_facts or [-1] * len(BATCH_FIELDS)),
     ]
 
 
@@ -87,6 +91,17 @@ def check_ranks_agree(plan: RingPlan | None, q, k, group: ProcessGroup | None, w
         raise ValueError(
             f"ring attention: rank(s) {failed} of the context-parallel group rejected their inputs "
             f"(see the error on those ranks); this rank's inputs were valid"
+        )
+    batches = [row[len(FIELDS):] for row in table]
+    if any(b != batches[0] for b in batches):
+        described = "; ".join(
+            f"rank {r}: batch [{rows}, {length}] with {tokens} real tokens, checksum {checksum}"
+            for r, (checksum, rows, length, tokens) in enumerate(batches)
+        )
+        raise ValueError(
+            f"the ranks of a context-parallel group were given different batches ({described}); "
+            f"every rank of the group must load the same batch (use the same seed and data "
+            f"order, e.g. accelerate.utils.set_seed before building the dataloader)"
         )
     differ = [i for i in range(1, len(FIELDS)) if len({row[i] for row in table}) > 1]
     if differ:

@@ -53,8 +53,8 @@ class RingBatch:
         num_targets (`int`): target tokens of the full batch (0 without labels).
         local_mask (`torch.Tensor`, *optional*): ``[tokens]`` bool, True on this rank's real tokens
             (False on layout padding).
-        check (`bool`): whether the patched model checks the batch with :func:`check_same_batch`
-            at its first attention layer (once per batch).
+        check (`bool`): whether the ranks compare this batch's checksum before its first ring
+            (in the ring's check of its inputs, once per plan; False: no all-gather at all).
     """
 
     bounds: list[int]
@@ -70,7 +70,6 @@ class RingBatch:
     num_targets: int = 0
     local_mask: torch.Tensor | None = field(default=None, repr=False)
     check: bool = False
-    checked: bool = field(default=False, repr=False)
     _plans: dict = field(default_factory=dict, repr=False)
     _masks: list = field(default_factory=list, repr=False)  # attention masks checked against local_mask
 
@@ -82,10 +81,15 @@ class RingBatch:
     def plan(self, window_size: int | None) -> RingPlan:
         """The (cached) causal plan of this batch for one sliding window (None: no window)."""
         if window_size not in self._plans:
-            self._plans[window_size] = RingPlan(
+            plan = RingPlan(
                 self.bounds, world_size=self.world_size, rank=self.rank, layout=self.layout,
                 causal=True, window_size=window_size, seqused=self.lengths,
             )
+            if self.check:  # the ranks compare this batch when they compare the plan (ring.py)
+                plan.batch_facts = [self.fingerprint, *self.batch_shape, self.num_tokens]
+            else:  # trusted: no all-gather at all
+                plan.agreed = True
+            self._plans[window_size] = plan
         return self._plans[window_size]
 
     def prepare(self, window_sizes=(None,), device: torch.device | str | None = None) -> RingBatch:
@@ -169,12 +173,14 @@ def shard_batch(
         num_items_in_batch (`int` or `float`, *optional*): what the sum of the token losses is
             divided by; default: the number of targets of this batch (at least 1). Pass the count
             over all micro-batches when accumulating gradients, or over all data-parallel replicas.
-        check (`bool`): whether the patched model, at its first attention layer, checks that every
-            rank of the group was given the same full batch (one all-gather of a checksum per batch,
-            before any other communication of the forward pass; :func:`check_same_batch`). Ranks
-            that were given different batches then all raise a ``ValueError`` naming each rank's
-            batch shape and checksum, instead of training on mixed data or aborting in the ring.
-            ``shard_batch`` itself never communicates.
+        check (`bool`): whether the patched model, before its first ring, checks that every rank
+            of the group was given the same full batch: the checksum and shape of the batch join
+            the all-gather in which the ranks compare the ring's inputs (once per plan, so once
+            per batch and sliding window, before any other communication of the forward pass).
+            Ranks that were given different batches then all raise a ``ValueError`` naming each
+            rank's batch shape and checksum, instead of training on mixed data or aborting in the
+            ring. False trusts the ranks: no all-gather at all. ``shard_batch`` itself never
+            communicates; :func:`check_same_batch` runs the batch check explicitly.
 
     Returns:
         `dict` with ``input_ids`` and ``position_ids`` ``[1, tokens]`` (this rank's tokens with
@@ -277,7 +283,6 @@ def check_same_batch(ring_batch: RingBatch, device: torch.device | None = None) 
                 f"every rank of the group must load the same batch (use the same seed and data "
                 f"order, e.g. accelerate.utils.set_seed before building the dataloader)"
             )
-    ring_batch.checked = True
 
 
 def _check_batch(batch: dict):

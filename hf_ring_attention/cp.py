@@ -199,8 +199,8 @@ class ContextParallelSetup:
 
     def shard(self, batch: dict) -> dict:
         """This rank's shard of a full batch (:func:`~hf_ring_attention.shard_batch`); with
-        ``check_batches``, the patched model checks at its first attention layer that every rank
-        of the group was given the same batch. The ring plans of the windows the model attends
+        ``check_batches``, the patched model checks before its first ring that every rank of
+        the group was given the same batch. The ring plans of the windows the model attends
         with are built here, before the forward, and put on the batch's device."""
         from .transformers import attention_windows
 

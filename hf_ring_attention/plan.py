@@ -451,6 +451,7 @@ class RingPlan:
         self.num_steps = count_steps(self.bounds, self.seqused, layout, world_size, causal, window_size)
         self._on_device: dict[torch.device, list[list[DeviceCall]]] = {}
         self.agreed = False  # the ranks compared their plans and inputs (ring.py, first use)
+        self.batch_facts: list[int] | None = None  # RingBatch.plan: the batch the ranks compare too
         self._host_buffers: list[torch.Tensor] = []  # pinned sources of copies that may be in flight
 
     @property

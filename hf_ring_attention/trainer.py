@@ -41,9 +41,10 @@ class RingAttentionCallback(TrainerCallback):
             default: the ``HF_RING_ATTENTION_CP_SIZE`` environment variable, else every process.
         layout (`str`): ``"zigzag"`` (default), ``"contiguous"`` or ``"striped"``.
         backend (`str`, *optional*): kernel backend (see ``hf_ring_attention.kernels``).
-        check_batches (`bool`): check every batch (default): at its first attention layer the
-            patched model all-gathers a checksum of the full batch over the group, and every rank
-            raises if the ranks were given different batches (one small all-gather per batch).
+        check_batches (`bool`): check every batch (default): before its first ring the patched
+            model all-gathers a checksum of the full batch over the group (with the ring's own
+            check of its inputs: one small all-gather per batch and sliding window), and every
+            rank raises if the ranks were given different batches. False trusts the ranks.
         chunked_loss (`bool` or `int`): compute the training loss over chunks of tokens, never
             holding the ``[tokens, vocab]`` logits (an int: the chunk size in tokens); training
             forwards then return no logits. See :func:`~hf_ring_attention.patch_model`.

@@ -19,7 +19,7 @@ from transformers.masking_utils import AttentionMaskInterface, flash_attention_m
 from transformers.utils import logging
 
 from . import _compat
-from .batch import RingBatch, batch_structure, check_edge_padding, check_same_batch, document_starts
+from .batch import RingBatch, batch_structure, check_edge_padding, document_starts
 from .distributed import group_rank, group_size
 from .families import ROUTER_AUX_LOSS, attention_modules, check_model
 from .layout import check_layout
@@ -133,8 +133,8 @@ def ring_attention_forward(module, query, key, value, attention_mask, dropout=0.
 
 
 def _check_shard(ring_batch: RingBatch, attention_mask, query, settings: _Settings) -> None:
-    """A sharded batch: the settings and the padding mask must match it; on its first layer, the
-    ranks check that they were given the same batch (before the ring communicates)."""
+    """A sharded batch: the settings and the padding mask must match it (the ranks compare the
+    batch itself before the first ring: see ``RingBatch.plan``)."""
     if ring_batch.layout != settings.layout:
         raise ValueError(
             f"the batch was sharded with layout={ring_batch.layout!r} but the model was patched with "
@@ -147,8 +147,6 @@ def _check_shard(ring_batch: RingBatch, attention_mask, query, settings: _Settin
             "shard_batch already encodes padding and documents: pass the attention_mask it returns "
             "unchanged (it marks this rank's layout padding), or none"
         )
-    if ring_batch.check and not ring_batch.checked:
-        check_same_batch(ring_batch, device=query.device)
 
 
 def _is_shard_mask(ring_batch: RingBatch, mask: torch.Tensor) -> bool:
