@@ -172,8 +172,9 @@ class ContextParallelSetup:
                 # accelerate's own context parallelism would shard the batch and replace SDPA)
                 from accelerate import ParallelismConfig
 
+                # (every other size keeps its default of 1; accelerate 1.10 has no sp_size yet)
                 _compat.set_parallelism_config(accelerator_state, ParallelismConfig(
-                    dp_replicate_size=1, dp_shard_size=mesh.world_size, tp_size=1, cp_size=1, sp_size=1))
+                    dp_replicate_size=1, dp_shard_size=mesh.world_size))
         self.mesh = mesh
         return mesh
 
