@@ -162,7 +162,7 @@ def fake_gpu(monkeypatch):
 
 def test_automatic_order_is_fa4_on_sm90_then_fa2_then_torch(fake_gpu):
     cuda, bf16 = torch.device("cuda", 0), torch.bfloat16
-    fake_gpu.fa2, fake_gpu.fa4 = _fa2_stand_in(True)[0], _fa4_stand_in()[0]
+    fake_gpu.fa2, fake_gpu.fa4 = _fa2_stand_in("2.7")[0], _fa4_stand_in()[0]
     fake_gpu.install()
     assert kernels.get_kernel(None, cuda, bf16, 128) is fa4_adapter
     fake_gpu.capability = (8, 0)  # A100: flash-attn 4 has no backward there
@@ -207,14 +207,14 @@ def test_float32_on_cuda_is_refused_unless_cpu_is_asked_for(fake_gpu, dtype):
 
 @pytest.mark.parametrize("head_dim, capability", [(100, (9, 0)), (264, (9, 0)), (4, (8, 0))])
 def test_head_dim_the_flash_kernels_cannot_run_is_refused_on_cuda(fake_gpu, head_dim, capability):
-    fake_gpu.fa4, fake_gpu.fa2, fake_gpu.capability = _fa4_stand_in()[0], _fa2_stand_in(True)[0], capability
+    fake_gpu.fa4, fake_gpu.fa2, fake_gpu.capability = _fa4_stand_in()[0], _fa2_stand_in("2.7")[0], capability
     fake_gpu.install()
     with pytest.raises(ValueError, match=rf"head_dim {head_dim}.*multiple of 8 and at most"):
         kernels.get_kernel(None, torch.device("cuda", 0), torch.bfloat16, head_dim)
 
 
 def test_flash_attn_4_head_dims_follow_the_architecture(fake_gpu):
-    fake_gpu.fa4, fake_gpu.fa2 = _fa4_stand_in()[0], _fa2_stand_in(True)[0]
+    fake_gpu.fa4, fake_gpu.fa2 = _fa4_stand_in()[0], _fa2_stand_in("2.7")[0]
     fake_gpu.install()
     cuda = torch.device("cuda", 0)
     for capability in ((9, 0), (10, 0)):
@@ -227,10 +227,13 @@ def test_flash_attn_4_head_dims_follow_the_architecture(fake_gpu):
 
 
 # ------------------------------------------------------------------ flash-attn 2 adapter
-def _fa2_stand_in(new_api: bool, custom_op: bool = False):
-    """A fake ``flash_attn.flash_attn_interface`` with the documented 2.x signatures, computing
-    with the cpu kernel, so the adapter's argument handling can be checked without CUDA."""
+def _fa2_stand_in(release: str, custom_op: bool = False):
+    """A fake ``flash_attn.flash_attn_interface`` with the documented signatures of a 2.x release
+    (``"2.7"``: 4-tuple and ``window_size_left/right``; ``"2.6"``: 8-tuple and ``window_size``, with
+    ``softcap``; ``"2.5"``: the same without ``softcap``), computing with the cpu kernel, so the
+    adapter's argument handling can be checked without CUDA."""
     calls = []
+    new_api = release == "2.7"
 
     def window_of(kw):
         return (kw["window_size_left"], kw["window_size_right"]) if new_api else kw["window_size"]
@@ -278,6 +281,19 @@ def _fa2_stand_in(new_api: bool, custom_op: bool = False):
                        max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal, softcap,
                        window_size_left=window_size_left, window_size_right=window_size_right,
                        deterministic=deterministic)
+    elif release == "2.6":
+        def forward_api(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                        softmax_scale, causal, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                        return_softmax=False):
+            return fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                       softmax_scale, causal, softcap, window_size=window_size)
+
+        def backward_api(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k,
+                         max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal, window_size,
+                         softcap, alibi_slopes, deterministic, rng_state=None):
+            return bwd(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_seqlens_q, cu_seqlens_k,
+                       max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal, softcap,
+                       window_size=window_size, deterministic=deterministic)
     else:
         def forward_api(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
                         softmax_scale, causal, window_size=(-1, -1), alibi_slopes=None,
@@ -325,20 +341,20 @@ def _check_adapter_against_cpu(adapter, window, gen, softcap=0.0):
         assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("new_api, custom_op", [(True, True), (True, False), (False, False)],
-                         ids=["flash-attn>=2.7 custom op", "flash-attn>=2.7", "flash-attn<2.7"])
+@pytest.mark.parametrize("release, custom_op", [("2.7", True), ("2.7", False), ("2.6", False)],
+                         ids=["flash-attn>=2.7 custom op", "flash-attn>=2.7", "flash-attn 2.6"])
 @pytest.mark.parametrize("window", [(-1, 0), (3, 0), (-1, -1), (1, 2)])
-def test_flash_attn_adapter_follows_documented_signature(monkeypatch, new_api, custom_op, window):
-    module, calls = _fa2_stand_in(new_api, custom_op)
+def test_flash_attn_adapter_follows_documented_signature(monkeypatch, release, custom_op, window):
+    module, calls = _fa2_stand_in(release, custom_op)
     monkeypatch.setitem(sys.modules, "flash_attn.flash_attn_interface", module)
     monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
     flash_adapter._interface.cache_clear()
     try:
         _check_adapter_against_cpu(flash_adapter, window, torch.Generator().manual_seed(2))
         causal = window == (-1, 0)
-        softcap = 0.0 if new_api else None  # passed wherever the release takes it (no default in its backward)
-        assert calls[0] == ("fwd", causal, window, 8 ** -0.5, softcap)
-        assert calls[1] == ("bwd", causal, window, 8 ** -0.5, False, softcap)
+        # the softcap is always passed (no default in the backward)
+        assert calls[0] == ("fwd", causal, window, 8 ** -0.5, 0.0)
+        assert calls[1] == ("bwd", causal, window, 8 ** -0.5, False, 0.0)
     finally:
         flash_adapter._interface.cache_clear()
 
@@ -450,7 +466,7 @@ def test_resolve_softcap_means_none_for_none_and_zero_and_refuses_negative_value
 
 @pytest.mark.parametrize("custom_op", [True, False], ids=["custom op", "plain"])
 def test_flash_attn_adapter_passes_the_softcap(monkeypatch, custom_op):
-    module, calls = _fa2_stand_in(True, custom_op)
+    module, calls = _fa2_stand_in("2.7", custom_op)
     monkeypatch.setitem(sys.modules, "flash_attn.flash_attn_interface", module)
     flash_adapter._interface.cache_clear()
     try:
@@ -460,20 +476,20 @@ def test_flash_attn_adapter_passes_the_softcap(monkeypatch, custom_op):
         flash_adapter._interface.cache_clear()
 
 
-def test_flash_attn_release_without_softcap_is_refused_for_softcapped_attention_only(fake_gpu):
-    fake_gpu.fa2, fake_gpu.capability = _fa2_stand_in(False)[0], (8, 0)
+def test_flash_attn_releases_before_2_6_are_refused(fake_gpu):
+    # their varlen log-sum-exp is padded per sequence ([B, H, max_seqlen_q]), which the merge
+    # would misread: refused for every call, softcapped or not, and selection passes them by
+    fake_gpu.fa2, fake_gpu.capability = _fa2_stand_in("2.5")[0], (8, 0)
     fake_gpu.install()
     cuda = torch.device("cuda", 0)
-    assert flash_adapter.check(cuda, torch.bfloat16, 64) is None
-    reason = flash_adapter.check(cuda, torch.bfloat16, 64, softcap=50.0)
-    assert reason == "needs flash-attn >= 2.6 for a logit softcap: this release's _flash_attn_varlen_forward takes no softcap"
-    with pytest.raises(NotImplementedError, match="flash-attn >= 2.6"):  # never dropped silently
-        flash_adapter.forward(*(torch.zeros(4, 2, 8) for _ in range(3)), varlen([4], [4], (-1, 0)), 0.3, 50.0)
-    # automatic selection: neither this flash-attn nor torch_flash can, so it fails and says why
+    expected = ("needs flash-attn >= 2.6 (pip install -U flash-attn): this release's _flash_attn_varlen_forward "
+                "takes no softcap, and its log-sum-exp layout is the older padded one")
+    assert flash_adapter.check(cuda, torch.bfloat16, 64) == expected
+    assert flash_adapter.check(cuda, torch.bfloat16, 64, softcap=50.0) == expected
     with pytest.raises(ValueError, match=r"softcap 50.0 .*flash_attn: needs flash-attn >= 2.6.*torch_flash: has no "
                                          r"logit softcap.*Fix: for the logit softcap \(50.0\) install flash-attn 4"):
         kernels.get_kernel(None, cuda, torch.bfloat16, 64, softcap=50.0)
-    assert kernels.get_kernel(None, cuda, torch.bfloat16, 64) is flash_adapter
+    assert kernels.get_kernel(None, cuda, torch.bfloat16, 64) is not flash_adapter
 
 
 def test_flash_attn_4_adapter_passes_the_softcap(monkeypatch):
@@ -508,7 +524,7 @@ def test_flash_attn_4_softcap_follows_its_release_and_architecture(fake_gpu):
 
 def test_torch_flash_is_skipped_for_softcap_and_refused_when_asked_for(fake_gpu):
     cuda, bf16 = torch.device("cuda", 0), torch.bfloat16
-    fake_gpu.fa2, fake_gpu.capability = _fa2_stand_in(True)[0], (8, 0)
+    fake_gpu.fa2, fake_gpu.capability = _fa2_stand_in("2.7")[0], (8, 0)
     fake_gpu.install()
     assert kernels.get_kernel(None, cuda, bf16, 64, softcap=50.0) is flash_adapter
     fake_gpu.fa2 = None
@@ -525,7 +541,7 @@ def test_torch_flash_is_skipped_for_softcap_and_refused_when_asked_for(fake_gpu)
 
 
 def test_softcap_backends_named_in_errors_are_those_whose_check_accepts_a_softcap(fake_gpu):
-    fake_gpu.fa2, fake_gpu.fa4 = _fa2_stand_in(True)[0], _fa4_stand_in()[0]
+    fake_gpu.fa2, fake_gpu.fa4 = _fa2_stand_in("2.7")[0], _fa4_stand_in()[0]
     fake_gpu.install()
     cuda = torch.device("cuda", 0)
     for name, module in kernels.BACKENDS.items():

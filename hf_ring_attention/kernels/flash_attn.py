@@ -7,14 +7,15 @@ thin and is tested against a stand-in that follows the package's documented sign
 has the two functions it calls (checked once): ``find_spec("flash_attn")`` alone is not enough,
 since flash-attn 4 installs ``flash_attn/cute`` as a namespace package without it.
 
-Differences between 2.x releases absorbed here:
+Releases from 2.6 on are supported: before 2.6 the varlen kernels returned the log-sum-exp
+padded per sequence (``[B, H, max_seqlen_q]``) instead of ``[H, total_q]``, which the merge cannot
+read, so :func:`check` refuses them (recognised by their kernels taking no ``softcap``, which
+arrived in the same release). Differences between the supported releases absorbed here:
 
 * ``_flash_attn_varlen_forward`` returns ``(out, softmax_lse, S_dmask, rng_state)`` from 2.7 on
   and an 8-tuple ``(out, q, k, v, out_padded, softmax_lse, S_dmask, rng_state)`` before;
 * the window is ``window_size_left=, window_size_right=`` from 2.7 on and ``window_size=(l, r)``
-  before; both are found by inspecting the signature, never by comparing version strings;
-* the logit softcap (``softcap``, forward and backward) exists from 2.6 on: a release whose
-  functions take no ``softcap`` is refused for softcapped calls by :func:`check`.
+  before; both are found by inspecting the signature, never by comparing version strings.
 
 flash-attn 2 treats a window side >= ``max_seqlen_k`` as unbounded and an unbounded side next to a
 bounded one as ``max_seqlen_k``; the plan reports ``max_seqlen_k >= max_seqlen_q`` so that both
@@ -53,8 +54,8 @@ def import_error() -> str | None:
 
 
 def check(device: torch.device, dtype: torch.dtype, head_dim: int, softcap: float = 0.0) -> str | None:
-    """CUDA sm80+ with an importable flash-attn 2, fp16/bf16, head_dim % 8 == 0 and <= 256; for
-    a softcap, a release whose kernels take one (2.6 and later)."""
+    """CUDA sm80+ with an importable flash-attn 2 of release 2.6 or later, fp16/bf16, head_dim %
+    8 == 0 and <= 256."""
     reason = cuda_reason(device)
     if reason is not None:
         return reason
@@ -64,32 +65,30 @@ def check(device: torch.device, dtype: torch.dtype, head_dim: int, softcap: floa
     major, minor = capability(device.index)
     if major < 8:
         return f"needs an sm80 (Ampere) or newer GPU, this one is sm{major}{minor}"
-    return dtype_reason(dtype) or head_dim_reason(head_dim) or (_softcap_reason() if softcap else None)
+    return dtype_reason(dtype) or head_dim_reason(head_dim) or _release_reason()
 
 
-def _softcap_reason() -> str | None:
+def _release_reason() -> str | None:
     interface = _interface()
     for fn in ("_flash_attn_varlen_forward", "_flash_attn_varlen_backward"):
         if "softcap" not in _parameters(getattr(interface, fn)):
-            return f"needs flash-attn >= 2.6 for a logit softcap: this release's {fn} takes no softcap"
+            return (f"needs flash-attn >= 2.6 (pip install -U flash-attn): this release's {fn} takes no "
+                    f"softcap, and its log-sum-exp layout is the older padded one")
     return None
 
 
+@lru_cache(maxsize=None)
 def _parameters(fn):
-    """Parameter names of a flash-attn function; releases that register it with
-    ``torch.library.custom_op`` hide the Python signature behind ``_init_fn``."""
+    """Parameter names of a flash-attn function (cached: it is read on every kernel call);
+    releases that register it with ``torch.library.custom_op`` hide the Python signature behind
+    ``_init_fn``."""
     return inspect.signature(getattr(fn, "_init_fn", fn)).parameters
 
 
 def _window_kwargs(fn, window) -> dict:
-    params = _parameters(fn)
-    if "window_size_left" in params:
+    if "window_size_left" in _parameters(fn):
         return {"window_size_left": window[0], "window_size_right": window[1]}
-    if "window_size" in params:
-        return {"window_size": tuple(window)}
-    if window != (-1, -1) and window != (-1, 0):
-        raise NotImplementedError("this flash-attn release has no sliding-window support; upgrade to >= 2.3")
-    return {}
+    return {"window_size": tuple(window)}
 
 
 def _present(fn, **candidates) -> dict:
@@ -99,24 +98,13 @@ def _present(fn, **candidates) -> dict:
     return {name: value for name, value in candidates.items() if name in params}
 
 
-def _softcap(fn, softcap: float) -> dict:
-    """The ``softcap`` keyword for this release's ``fn`` (releases that have it take it without a
-    default in the backward). Never dropped silently: :func:`check` refuses a softcap that the
-    release cannot take, and this raises if it is asked anyway."""
-    if "softcap" in _parameters(fn):
-        return {"softcap": softcap}
-    if softcap:
-        raise NotImplementedError(_softcap_reason())
-    return {}
-
-
 def forward(q, k, v, varlen: Varlen, softmax_scale: float, softcap: float = 0.0):
     fn = _interface()._flash_attn_varlen_forward
     result = fn(
         q, k, v, varlen.cu_seqlens_q, varlen.cu_seqlens_k, varlen.max_seqlen_q, varlen.max_seqlen_k,
         0.0, softmax_scale, varlen.causal,
-        **_window_kwargs(fn, varlen.window),
-        **_softcap(fn, softcap), **_present(fn, alibi_slopes=None, return_softmax=False),
+        **_window_kwargs(fn, varlen.window), softcap=softcap,
+        **_present(fn, alibi_slopes=None, return_softmax=False),
     )
     out, lse = (result[0], result[1]) if len(result) == 4 else (result[0], result[5])
     return out, lse
@@ -128,7 +116,7 @@ def backward(dout, q, k, v, out, lse, varlen: Varlen, softmax_scale: float, soft
     fn(
         dout.contiguous(), q, k, v, out, lse, dq, dk, dv, varlen.cu_seqlens_q, varlen.cu_seqlens_k,
         varlen.max_seqlen_q, varlen.max_seqlen_k, 0.0, softmax_scale, varlen.causal,
-        **_window_kwargs(fn, varlen.window),
-        **_softcap(fn, softcap), **_present(fn, alibi_slopes=None, deterministic=False),
+        **_window_kwargs(fn, varlen.window), softcap=softcap,
+        **_present(fn, alibi_slopes=None, deterministic=False),
     )
     return dq, dk, dv
