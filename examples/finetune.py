@@ -305,6 +305,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--log-steps", type=int, default=10, help="when output is not a terminal, print a progress line every N steps (default: 10)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--cpu", action="store_true", help="run on CPU even if GPUs are present")
+    p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default=None,
+                   help="autocast for the forward (default: bf16 on GPUs, whose flash-attention kernels take "
+                        "16-bit inputs; no on CPU)")
     p.add_argument("--fsdp", action="store_true", help="shard parameters, gradients and optimizer states over all processes with FSDP2 (fully_shard per decoder layer and at the root); not with an accelerate FSDP config, which shards the model itself")
     return p
 
@@ -598,8 +601,10 @@ def main(argv=None):
     except InputError as exc:
         parser.fail(str(exc))
 
+    on_cpu = args.cpu or not torch.cuda.is_available()
     accelerator = Accelerator(
-        cpu=args.cpu or not torch.cuda.is_available(), gradient_accumulation_steps=args.grad_accum,
+        cpu=on_cpu, gradient_accumulation_steps=args.grad_accum,
+        mixed_precision=args.mixed_precision or ("no" if on_cpu else "bf16"),
         # a process that stops answering makes the others fail after this long, with an error
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.timeout))])
     say = accelerator.print

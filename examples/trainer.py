@@ -31,6 +31,7 @@ def main():
         per_device_eval_batch_size=2, gradient_accumulation_steps=2, learning_rate=2e-3, warmup_steps=5,
         logging_steps=5, eval_strategy="steps", eval_steps=args.max_steps, save_steps=args.max_steps,
         prediction_loss_only=True, use_cpu=not torch.cuda.is_available(), report_to=[],
+        bf16=torch.cuda.is_available(),  # the GPU flash-attention kernels take 16-bit inputs
     )
     trainer = Trainer(
         model=build_model(argparse.Namespace(model=None, seq_len=args.seq_len)), args=training_args,
