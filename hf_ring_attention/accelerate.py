@@ -193,7 +193,7 @@ class ShardedDataLoader:
         try:
             sharded = [cp.shard(b) for b in group]
             count = sum(local["ring_batch"].num_targets for local in sharded)
-        except ValueError as exc:
+        except Exception as exc:  # noqa: BLE001 - re-raised below, after the other ranks learn of it
             sharded, count, error = None, 0, exc
         stats = torch.tensor([float(count), float(error is not None)], dtype=torch.float64, device=self.accelerator.device)
         stats = self.accelerator.reduce(stats, "sum").tolist()

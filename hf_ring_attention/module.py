@@ -211,14 +211,15 @@ class RingAttention(nn.Module):
                     f"to make every row one sequence"
                 )
             bounds = as_boundaries(cu_seqlens)
-            if bounds[-1] != n * world_size:
-                raise ValueError(
-                    f"this rank holds {n} tokens but cu_seqlens describe {bounds[-1]} tokens over "
-                    f"{world_size} ranks; pass this rank's shard of the packed buffer "
-                    f"(hf_ring_attention.shard) and the global cu_seqlens"
-                )
-        positions = document_positions(bounds, self.layout, world_size, rank)
+        # first, with the other ranks: shard sizes that differ between ranks raise on every rank
         self._check_replicas(world_size, x.device, [B, n], [cu_seqlens, seqused])
+        if bounds[-1] != B * n * world_size:
+            raise ValueError(
+                f"this rank holds {n} tokens but cu_seqlens describe {bounds[-1]} tokens over "
+                f"{world_size} ranks; pass this rank's shard of the packed buffer "
+                f"(hf_ring_attention.shard) and the global cu_seqlens"
+            )
+        positions = document_positions(bounds, self.layout, world_size, rank)
         out = self._attend(x.reshape(B * n, self.dim), positions, cu_seqlens, seqused)
         return out.reshape(B, n, self.dim)
 

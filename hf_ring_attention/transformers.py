@@ -20,6 +20,7 @@ from transformers.utils import logging
 
 from . import _compat
 from .batch import RingBatch, batch_structure, check_edge_padding, document_starts
+from .agreement import check_ranks_agree
 from .distributed import group_rank, group_size
 from .families import ROUTER_AUX_LOSS, attention_modules, check_model
 from .layout import check_layout
@@ -109,7 +110,14 @@ def ring_attention_forward(module, query, key, value, attention_mask, dropout=0.
             attention_mask, positions, lambda: _single_rank_batch(query, attention_mask, positions, settings))
         unpack = True
     else:
-        _check_shard(ring_batch, attention_mask, query, settings)
+        try:
+            _check_shard(ring_batch, attention_mask, query, settings)
+        except ValueError as error:
+            plan = ring_batch.plan(sliding_window)
+            if ring_batch.world_size > 1 and not plan.agreed:
+                # the other ranks are about to compare their inputs with this one: tell them
+                check_ranks_agree(plan, query, key, settings.group, ring_batch.world_size, error)
+            raise
         unpack = False
     device_type = query.device.type
     autocast = torch.is_autocast_enabled(device_type)

@@ -69,6 +69,18 @@ def _callback_collator_checks(rank):
         model(**ring.data_collator(collate)(features))
 
 
+def _one_rank_passing_a_wrong_mask_raises_everywhere(rank):
+    model = hra.patch_model(tiny_model("llama"))
+    local = hra.shard_batch({"input_ids": torch.arange(16)[None]})
+    if rank == 1:  # this rank alone changes the mask shard_batch returned
+        local["attention_mask"] = torch.zeros_like(local["attention_mask"])
+        with pytest.raises(ValueError, match="pass the attention_mask it returns unchanged"):
+            model(**local)
+    else:
+        with pytest.raises(ValueError, match=r"rank\(s\) \[1\] of the context-parallel group rejected their inputs"):
+            model(**local)
+
+
 def _local_masks_count_real_tokens(rank):
     batch = {"input_ids": torch.arange(13)[None], "position_ids": torch.tensor([list(range(6)) + list(range(7))])}
     local = hra.shard_batch(batch)  # zigzag over 2 ranks: documents of 6 and 7 tokens padded to 8 each
@@ -100,6 +112,7 @@ def _all(rank, world_size):
     _plugin_checks_every_batch(rank)
     _direct_users_check_shapes(rank)
     _callback_collator_checks(rank)
+    _one_rank_passing_a_wrong_mask_raises_everywhere(rank)
     _local_masks_count_real_tokens(rank)
     _short_batches_are_exact(rank)
 
