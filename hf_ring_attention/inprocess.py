@@ -14,7 +14,7 @@ from .kernels import Kernel, accumulate_dtype, get_kernel, resolve_scale, resolv
 from .layout import local_indices
 from .merge import prepare
 from .plan import RingPlan
-from .ring import (add_sinks, backward_step, check_qkv, check_sinks, check_tokens, forward_step, new_result,
+from .ring import (add_sinks, without_autocast, backward_step, check_qkv, check_sinks, check_tokens, forward_step, new_result,
                    sink_grad)
 
 
@@ -105,7 +105,8 @@ class _InProcessFunction(torch.autograd.Function):
         P = ring.world_size
         qs, ks, vs = tensors[:P], tensors[P:2 * P], tensors[2 * P:]
         kvs = [torch.stack([k, v]) for k, v in zip(ks, vs)]
-        results = [ring.forward_rank(r, qs, kvs, kernel, scale, softcap, sinks) for r in range(P)]
+        with without_autocast(qs[0].device):
+            results = [ring.forward_rank(r, qs, kvs, kernel, scale, softcap, sinks) for r in range(P)]
         outs = [o for o, _ in results]
         ctx.save_for_backward(*tensors, *outs, *(l for _, l in results), sinks)
         ctx.ring, ctx.kernel, ctx.scale, ctx.softcap = ring, kernel, scale, softcap
@@ -121,11 +122,12 @@ class _InProcessFunction(torch.autograd.Function):
         kvs = [torch.stack([k, v]) for k, v in zip(ks, vs)]
         acc = accumulate_dtype(qs[0].dtype)
         dkvs = [torch.zeros(kv.shape, dtype=acc, device=kv.device) for kv in kvs]
-        dqs = [ring.backward_rank(r, douts, qs, kvs, outs, lses, dkvs, ctx.kernel, ctx.scale, ctx.softcap)
-               for r in range(P)]
+        with without_autocast(qs[0].device):
+            dqs = [ring.backward_rank(r, douts, qs, kvs, outs, lses, dkvs, ctx.kernel, ctx.scale, ctx.softcap)
+                   for r in range(P)]
+            dsinks = None
+            if ctx.needs_input_grad[4]:
+                dsinks = sum(sink_grad(d, o, l, sinks) for d, o, l in zip(douts, outs, lses)).to(sinks.dtype)
         dks = [d[0].to(k.dtype) for d, k in zip(dkvs, ks)]
         dvs = [d[1].to(v.dtype) for d, v in zip(dkvs, vs)]
-        dsinks = None
-        if ctx.needs_input_grad[4]:
-            dsinks = sum(sink_grad(d, o, l, sinks) for d, o, l in zip(douts, outs, lses)).to(sinks.dtype)
         return (None, None, None, None, dsinks, *dqs, *dks, *dvs)

@@ -165,10 +165,17 @@ class _Ring:
         return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
 
 
+def without_autocast(device: torch.device):
+    """A context in which ``torch.autocast`` is off for ``device``: the kernels and the merge keep
+    their own dtypes (float32 accumulation), whatever autocast region the caller is in."""
+    return torch.autocast(device.type, enabled=False)
+
+
 class _RingFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, sinks, ring: _Ring):
-        out, lse = ring.forward(q, k, v, sinks)
+        with without_autocast(q.device):
+            out, lse = ring.forward(q, k, v, sinks)
         ctx.save_for_backward(q, k, v, out, lse, sinks)
         ctx.ring = ring
         return out
@@ -177,8 +184,9 @@ class _RingFunction(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, lse, sinks = ctx.saved_tensors
         dout = dout.contiguous()
-        dq, dk, dv = ctx.ring.backward(dout, q, k, v, out, lse)
-        dsinks = sink_grad(dout, out, lse, sinks).to(sinks.dtype) if ctx.needs_input_grad[3] else None
+        with without_autocast(q.device):  # a backward called inside an autocast region too
+            dq, dk, dv = ctx.ring.backward(dout, q, k, v, out, lse)
+            dsinks = sink_grad(dout, out, lse, sinks).to(sinks.dtype) if ctx.needs_input_grad[3] else None
         return dq, dk, dv, dsinks, None
 
 
@@ -271,7 +279,8 @@ def ring_attention_with_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     inputs = (q, k, v) if sinks is None else (q, k, v, sinks)
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
         return _RingFunction.apply(q, k, v, sinks, ring)
-    return ring.forward(q, k, v, sinks)[0]
+    with without_autocast(q.device):
+        return ring.forward(q, k, v, sinks)[0]
 
 
 def ring_attention(

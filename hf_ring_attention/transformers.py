@@ -9,7 +9,6 @@ attention function through the model's keyword arguments.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -120,8 +119,7 @@ def ring_attention_forward(module, query, key, value, attention_mask, dropout=0.
             raise
         unpack = False
     device_type = query.device.type
-    autocast = torch.is_autocast_enabled(device_type)
-    if autocast:
+    if torch.is_autocast_enabled(device_type):  # the ring itself then runs with autocast off
         dtype = torch.get_autocast_dtype(device_type)
         query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     b, hq, s, d = query.shape
@@ -130,11 +128,10 @@ def ring_attention_forward(module, query, key, value, attention_mask, dropout=0.
         rows = ring_batch.real_flat.to(q.device)
         q, k, v = (t.index_select(0, rows) for t in (q, k, v))
     settings.windows.add(sliding_window)
-    with torch.autocast(device_type, enabled=False) if autocast else nullcontext():
-        out = ring_attention_with_plan(
-            q, k, v, ring_batch.plan(sliding_window), group=settings.group, softmax_scale=scaling,
-            backend=settings.backend, softcap=softcap, sinks=s_aux,
-        )
+    out = ring_attention_with_plan(
+        q, k, v, ring_batch.plan(sliding_window), group=settings.group, softmax_scale=scaling,
+        backend=settings.backend, softcap=softcap, sinks=s_aux,
+    )
     if unpack:
         out = out.new_zeros(b * s, hq, d).index_copy(0, rows, out)
     return out.view(b, s, hq, d), None

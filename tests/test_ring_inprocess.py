@@ -10,7 +10,7 @@ import fa2_rules
 from hf_ring_attention import InProcessRing, pad_for_layout
 from hf_ring_attention.layout import layout_multiple
 from hf_ring_attention.plan import Call
-from helpers import TOL, attention_reference, random_bounds, rel_err
+from helpers import TOL, assert_close, attention_reference, random_bounds, rel_err
 
 LAYOUTS = ["zigzag", "contiguous", "striped"]
 HEADS = {"MHA": (4, 4), "GQA": (8, 2), "MQA": (4, 1)}
@@ -191,3 +191,24 @@ def test_flash_attn_2_rules_catch_a_plan_that_reports_max_seqlen_k_below_lq(monk
     monkeypatch.setattr(Call, "max_seqlen_k", property(lambda call: int((call.k1 - call.k0).max())))
     errors = ring_errors(**case)
     assert max(errors.values()) > 100 * TOL[torch.float32], errors
+
+
+def test_autocast_around_the_ring_does_not_lower_its_accumulation():
+    # float32 inputs inside a bf16 autocast region, forward and backward: the ring's kernels and
+    # merge keep float32 (autocast would run the cpu kernel's einsums in bf16, errors ~1e-2; a
+    # window makes the kernel take its explicit path rather than PyTorch's fused one)
+    gen = torch.Generator().manual_seed(3)
+    bounds = [0, 24, 40]
+    q, k, v = (torch.randn(40, h, 16, generator=gen, requires_grad=True) for h in (4, 2, 2))
+    ring = InProcessRing(torch.tensor(bounds, dtype=torch.int32), world_size=2, window_size=5)
+    ref = attention_reference(q.detach(), k.detach(), v.detach(), bounds, window=5)
+    dout = torch.randn(40, 4, 16, generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ring.unshard(ring.attention(ring.shard(q), ring.shard(k), ring.shard(v)))
+        assert out.dtype == torch.float32
+        out.backward(dout)
+    assert_close(out.detach(), ref, torch.float32, "out under autocast")
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    attention_reference(qd, kd, vd, bounds, window=5).backward(dout.double())
+    for got, want, name in ((q.grad, qd.grad, "dq"), (k.grad, kd.grad, "dk"), (v.grad, vd.grad, "dv")):
+        assert_close(got, want, torch.float32, f"{name} under autocast")
