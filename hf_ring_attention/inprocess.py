@@ -93,7 +93,7 @@ class InProcessRing:
         check_sinks(sinks, qs[0])
         softcap = resolve_softcap(softcap)
         kernel = get_kernel(backend, qs[0].device, qs[0].dtype, qs[0].shape[-1], softcap)
-        prepare(qs[0].device)
+        prepare(qs[0].device, qs[0].shape[-1], qs[0].dtype)
         scale = resolve_scale(softmax_scale, qs[0].shape[-1])
         tensors = [t.contiguous() for t in (*qs, *ks, *vs)]
         return list(_InProcessFunction.apply(self, kernel, scale, softcap, sinks, *tensors))

@@ -45,7 +45,7 @@ def merge_(out: torch.Tensor, lse: torch.Tensor, rows, block_out: torch.Tensor, 
             default: Triton for float32 results on a device where :func:`prepare` found it working.
     """
     if use_triton is None:
-        use_triton = out.dtype == torch.float32 and prepare(out.device)
+        use_triton = out.dtype == torch.float32 and prepare(out.device, block_out.shape[-1], block_out.dtype)
     if use_triton:
         _merge_triton(out, lse, rows, block_out, block_lse)
     else:
@@ -53,27 +53,30 @@ def merge_(out: torch.Tensor, lse: torch.Tensor, rows, block_out: torch.Tensor, 
 
 
 @lru_cache(maxsize=None)
-def prepare(device: torch.device) -> bool:
-    """Whether merges on ``device`` go through Triton: a CUDA device, Triton imports, and a tiny
-    merge through it matches PyTorch's (checked once per device; a failure warns and returns
-    False). Call it before communication starts: the first check compiles the kernel."""
+def prepare(device: torch.device, head_dim: int = 24, dtype: torch.dtype = torch.float32) -> bool:
+    """Whether merges on ``device`` of blocks with this head_dim and dtype go through Triton: a
+    CUDA device, Triton imports, and a tiny merge through it matches PyTorch's (checked once per
+    device, head_dim and dtype, which fix the kernel's compiled variant; a failure warns and
+    returns False). Call it before communication starts: the check compiles the kernel."""
     device = torch.device(device)
     if device.type != "cuda" or _triton() is None:
         return False
-    return self_test(device)
+    return self_test(device, head_dim, dtype)
 
 
-def self_test(device: torch.device) -> bool:
-    """Merge a few random rows (by index and by range, with -inf rows) through Triton and PyTorch
-    on ``device``; True if they agree, else a warning naming what went wrong and False."""
+def self_test(device: torch.device, head_dim: int = 24, dtype: torch.dtype = torch.float32) -> bool:
+    """Merge a few random rows (by index and by range, with -inf rows) of blocks of ``head_dim``
+    and ``dtype`` through Triton and PyTorch on ``device``; True if they agree, else a warning
+    naming what went wrong and False."""
     from .plan import Rows
 
     gen = torch.Generator().manual_seed(0)
-    out = torch.randn(9, 2, 24, generator=gen)
+    out = torch.randn(9, 2, head_dim, generator=gen)
     lse = torch.randn(2, 9, generator=gen)
     lse[0, :3] = NEG_INF
     out[:3, 0] = 0.0
-    block_out, block_lse = torch.randn(4, 2, 24, generator=gen), torch.randn(2, 4, generator=gen)
+    block_out = torch.randn(4, 2, head_dim, generator=gen).to(dtype)
+    block_lse = torch.randn(2, 4, generator=gen)
     block_lse[1, 0] = NEG_INF
     index = torch.tensor([0, 2, 5, 8], dtype=torch.int32)
     try:

@@ -271,7 +271,7 @@ def ring_attention_with_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         plan.agreed = True
     if error is not None:
         raise error
-    prepare(q.device)  # the merge's first use on a device compiles and checks it: not mid-ring
+    prepare(q.device, q.shape[-1], q.dtype)  # compiles and checks the merge's variant: not mid-ring
     scale = resolve_scale(softmax_scale, q.shape[-1])
     ring = _Ring(plan.device_calls(q.device), plan.num_steps, RingComm(group, rank, world_size), kernel, scale,
                  softcap)

@@ -88,6 +88,7 @@ def test_triton_merge_matches_float64_under_the_interpreter():
         from test_merge import check_against_float64
         check_against_float64(use_triton=True)
         assert self_test(torch.device("cpu"))  # the check the ring runs before it starts
+        assert self_test(torch.device("cpu"), 128, torch.bfloat16)  # at a model's head_dim and dtype
         print("triton merge ok")
     """)
     env = dict(os.environ, TRITON_INTERPRET="1",
