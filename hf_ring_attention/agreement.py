@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
+from .distributed import collective_device
 from .layout import LAYOUTS
 
 if TYPE_CHECKING:
@@ -71,6 +72,21 @@ def _shown(field: str, value: int) -> str:
     return str(value)
 
 
+def check_same_batches(batches: list[list[int]]) -> None:
+    """Raise a ``ValueError`` naming every rank's batch unless the ranks' ``[checksum, rows,
+    length, real tokens]`` (gathered, in rank order) are all the same."""
+    if any(b != batches[0] for b in batches):
+        described = "; ".join(
+            f"rank {r}: batch [{rows}, {length}] with {tokens} real tokens, checksum {checksum}"
+            for r, (checksum, rows, length, tokens) in enumerate(batches)
+        )
+        raise ValueError(
+            f"the ranks of a context-parallel group were given different batches ({described}); "
+            f"every rank of the group must load the same batch (use the same seed and data "
+            f"order, e.g. accelerate.utils.set_seed before building the dataloader)"
+        )
+
+
 def check_ranks_agree(plan: RingPlan | None, q, k, group: ProcessGroup | None, world_size: int,
                       error: Exception | None = None, softcap=None, sinks=None) -> None:
     """All-gather this rank's digest of ``plan`` and the q/k shapes, and raise a ``ValueError``
@@ -78,7 +94,7 @@ def check_ranks_agree(plan: RingPlan | None, q, k, group: ProcessGroup | None, w
     agree. ``error``: this rank's own validation failure (``plan`` may then be None), raised
     after the all-gather, so that the other ranks learn of it instead of waiting; they raise
     too."""
-    device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
+    device = q.device if isinstance(q, torch.Tensor) else collective_device(group)
     facts = _facts(plan, q, k, error is not None, softcap or 0.0, sinks)
     mine = torch.tensor(facts, dtype=torch.int64, device=device)
     every = [torch.empty_like(mine) for _ in range(world_size)]
@@ -92,17 +108,7 @@ def check_ranks_agree(plan: RingPlan | None, q, k, group: ProcessGroup | None, w
             f"ring attention: rank(s) {failed} of the context-parallel group rejected their inputs "
             f"(see the error on those ranks); this rank's inputs were valid"
         )
-    batches = [row[len(FIELDS):] for row in table]
-    if any(b != batches[0] for b in batches):
-        described = "; ".join(
-            f"rank {r}: batch [{rows}, {length}] with {tokens} real tokens, checksum {checksum}"
-            for r, (checksum, rows, length, tokens) in enumerate(batches)
-        )
-        raise ValueError(
-            f"the ranks of a context-parallel group were given different batches ({described}); "
-            f"every rank of the group must load the same batch (use the same seed and data "
-            f"order, e.g. accelerate.utils.set_seed before building the dataloader)"
-        )
+    check_same_batches([row[len(FIELDS):] for row in table])
     differ = [i for i in range(1, len(FIELDS)) if len({row[i] for row in table}) > 1]
     if differ:
         lines = "; ".join(

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from .distributed import group_rank, group_size
+from .agreement import check_same_batches
+from .distributed import collective_device, group_rank, group_size
 from .layout import check_layout, layout_multiple, local_indices
 from .plan import RingPlan
 from .sharding import unshard_bounds
@@ -258,31 +259,24 @@ def check_same_batch(ring_batch: RingBatch, device: torch.device | None = None) 
     same full batch: one all-gather of a few integers (checksum, batch shape, real tokens),
     whose size does not depend on the batch, so ranks with batches of different shapes raise
     too instead of failing in a later collective. A collective: call it on every rank of the
-    group. The patched model calls it by itself when ``shard_batch(..., check=True)``.
+    group. The patched model makes the same check by itself when ``shard_batch(..., check=True)``
+    (in the all-gather that precedes its first ring).
 
     Args:
         ring_batch (:class:`RingBatch`): the ``ring_batch`` of this rank's :func:`shard_batch`.
-        device (`torch.device`, *optional*): where the all-gather runs (a CUDA device under NCCL).
+        device (`torch.device`, *optional*): where the all-gather runs; default: the current CUDA
+            device for an NCCL group, else the CPU.
 
     Raises:
         ValueError: naming every rank's batch shape, real tokens and checksum.
     """
     if ring_batch.world_size > 1:
-        b, s = ring_batch.batch_shape
-        mine = torch.tensor([ring_batch.fingerprint, b, s, ring_batch.num_tokens], dtype=torch.long, device=device)
+        device = collective_device(ring_batch.group) if device is None else device
+        mine = torch.tensor([ring_batch.fingerprint, *ring_batch.batch_shape, ring_batch.num_tokens],
+                            dtype=torch.long, device=device)
         every = [torch.empty_like(mine) for _ in range(ring_batch.world_size)]
         dist.all_gather(every, mine, group=ring_batch.group)
-        rows = [t.tolist() for t in every]
-        if any(row != rows[0] for row in rows):
-            described = "; ".join(
-                f"rank {r}: batch [{row[1]}, {row[2]}] with {row[3]} real tokens, checksum {row[0]}"
-                for r, row in enumerate(rows)
-            )
-            raise ValueError(
-                f"the ranks of a context-parallel group were given different batches ({described}); "
-                f"every rank of the group must load the same batch (use the same seed and data "
-                f"order, e.g. accelerate.utils.set_seed before building the dataloader)"
-            )
+        check_same_batches([t.tolist() for t in every])
 
 
 def _check_batch(batch: dict):

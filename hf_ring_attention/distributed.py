@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
 import torch.distributed as dist
 
 if TYPE_CHECKING:
@@ -36,8 +37,9 @@ def group_rank(group: ProcessGroup | None = None) -> int:
     return rank
 
 
-def global_rank(group: ProcessGroup | None, rank: int) -> int:
-    """Global rank of ``rank`` in ``group`` (P2P ops address peers by global rank)."""
-    if group is None or group is dist.group.WORLD:
-        return rank
-    return dist.get_global_rank(group, rank)
+def collective_device(group: ProcessGroup | None = None) -> torch.device:
+    """Where a small collective of ``group`` can run: the current CUDA device under NCCL (which
+    takes CUDA tensors only), else the CPU."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
