@@ -76,16 +76,6 @@ def loss_type(model) -> str | None:
     return getattr(model, "loss_type", None)
 
 
-# ------------------------------------------------------------------------------------- torch
-# Checked against torch 2.11 and 2.13.
-
-
-def module_has_hooks(module) -> bool:
-    """Whether forward hooks or pre-hooks are registered on ``module`` itself (torch keeps them
-    in private ordered dicts; global hooks are not counted)."""
-    return bool(module._forward_hooks or module._forward_pre_hooks)
-
-
 # -------------------------------------------------------------------------------- accelerate
 # Checked against accelerate 1.10.0, 1.10.1 and 1.15.0.
 
@@ -139,6 +129,12 @@ def set_parallelism_config(state, config) -> None:
 
 # ------------------------------------------------------------------------------------- torch
 # Checked against torch 2.11 and 2.13.
+
+
+def module_has_hooks(module) -> bool:
+    """Whether forward hooks or pre-hooks are registered on ``module`` itself (torch keeps them
+    in private ordered dicts; global hooks are not counted)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 def flatten_mesh(mesh, dims: tuple[str, ...], name: str):

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from .agreement import check_same_batches
 from .distributed import collective_device, group_rank, group_size
-from .layout import check_layout, layout_multiple, local_indices
+from .layout import check_layout, layout_multiple, local_indices, short
 from .plan import RingPlan
 from .sharding import unshard_bounds
 
@@ -362,16 +362,10 @@ def _check_packing_keys(batch: dict, mask: torch.Tensor, positions: torch.Tensor
             expected = (torch.cumsum(start[0].long(), 0) - 1).tolist()
         if got != expected:
             raise ValueError(
-                f"{key}={_short(got)} does not describe the documents of position_ids (documents "
-                f"restart at positions {_short(starts)} of the row, so {key} should be "
-                f"{_short(expected)}); build position_ids and {key} from the same documents"
+                f"{key}={short(got)} does not describe the documents of position_ids (documents "
+                f"restart at positions {short(starts)} of the row, so {key} should be "
+                f"{short(expected)}); build position_ids and {key} from the same documents"
             )
-
-
-def _short(values, limit: int = 12) -> str:
-    if not isinstance(values, list) or len(values) <= limit:
-        return str(values)
-    return f"[{', '.join(map(str, values[:limit]))}, ... ({len(values)} values)]"
 
 
 def check_edge_padding(mask: torch.Tensor) -> None:

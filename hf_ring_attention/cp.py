@@ -245,11 +245,11 @@ def transformers_model(module):
     """The transformers model inside ``module`` (itself, or the base model of a PEFT model)."""
     from transformers import PreTrainedModel
 
-    if isinstance(module, PreTrainedModel):
-        return module
-    base = module.get_base_model() if hasattr(module, "get_base_model") else None
-    if isinstance(base, PreTrainedModel):
-        return base
+    from .transformers import inner_model
+
+    model = inner_model(module)
+    if isinstance(model, PreTrainedModel):
+        return model
     raise TypeError(
         f"context parallelism patches transformers models for ring attention; got "
         f"{type(module).__name__}. Pass the PreTrainedModel (before torch.compile or other wrappers)."

@@ -72,7 +72,7 @@ def as_boundaries(cu_seqlens, total: int | None = None) -> list[int]:
     if len(bounds) < 2 or bounds[0] != 0 or any(b > a for a, b in zip(bounds[1:], bounds)):
         raise ValueError(
             f"cu_seqlens must start at 0 and be non-decreasing with at least one document, "
-            f"got {_short(bounds)}"
+            f"got {short(bounds)}"
         )
     return bounds
 
@@ -234,6 +234,9 @@ def _cumsum(values):
         yield total
 
 
-def _short(values: Sequence[int], n: int = 12) -> str:
-    values = list(values)
-    return str(values) if len(values) <= n else f"[{', '.join(map(str, values[:n]))}, ...]"
+def short(values, limit: int = 12) -> str:
+    """A list for an error message: whole when short, else its first ``limit`` values and its
+    length (values that are not a list are shown as they are)."""
+    if not isinstance(values, (list, tuple)) or len(values) <= limit:
+        return str(values)
+    return f"[{', '.join(map(str, values[:limit]))}, ... ({len(values)} values)]"

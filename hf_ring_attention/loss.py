@@ -252,11 +252,6 @@ def set_chunked_loss(model, chunk_size: int | None) -> None:
     model._hf_ring_attention_chunk = chunk_size
 
 
-def chunked_loss_size(model) -> int | None:
-    """The chunk size in effect on ``model`` (0: the default), or None when the chunked loss is off."""
-    return getattr(model, "_hf_ring_attention_chunk", None)
-
-
 def _is_chunked_forward(forward) -> bool:
     return getattr(getattr(forward, "__func__", None), "_hf_ring_attention_chunked", False)
 

@@ -144,9 +144,3 @@ def set_tiled_mlp(model, chunk_size: int | None) -> None:
         if not _is_tiled(mlp):
             mlp.forward = types.MethodType(_tiled_forward, mlp)
         mlp._hf_ring_attention_tile = chunk_size
-
-
-def tiled_mlp_size(model) -> int | None:
-    """The MLP chunk size in effect on ``model``, or None when the MLPs are not tiled."""
-    mlps = _layer_mlps(model)
-    return getattr(mlps[0], "_hf_ring_attention_tile", None) if mlps else None

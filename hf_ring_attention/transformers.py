@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+from transformers.masking_utils import AttentionMaskInterface
 from transformers.utils import logging
 
 from . import _compat
@@ -214,7 +214,7 @@ def _single_rank_batch(query, attention_mask, position_ids, settings: _Settings)
 AttentionInterface.register(ATTN_NAME, ring_attention_forward)
 # Registering a mask function makes transformers hand the attention function the 2-D padding
 # mask (None without padding); without it the padding would be silently dropped.
-AttentionMaskInterface.register(ATTN_NAME, flash_attention_mask)
+AttentionMaskInterface.register(ATTN_NAME, _compat.padding_mask_function())
 
 
 # ------------------------------------------------------------------------------ patching
@@ -232,21 +232,11 @@ class _PatchState:
     windows: set = field(default_factory=set)
 
 
-def _inner_model(model):
+def inner_model(model):
     """The transformers model that patching acts on: ``model``, or the base model of a PEFT model
     (so the patch lives on the model that ``merge_and_unload`` returns)."""
     get_base_model = getattr(model, "get_base_model", None)
     return get_base_model() if callable(get_base_model) else model
-
-
-def _attention_modules(model):
-    return attention_modules(model)
-
-
-def _check_supported(model, group) -> None:
-    """Refuse, at patch time, a model that ring attention cannot compute exactly (see
-    :mod:`hf_ring_attention.families`)."""
-    check_model(model, world_size=group_size(group))
 
 
 def patch_model(model, *, group: ProcessGroup | None = None, layout: str = "zigzag", backend: str | None = None,
@@ -284,8 +274,8 @@ def patch_model(model, *, group: ProcessGroup | None = None, layout: str = "zigz
     """
     check_layout(layout)
     group_rank(group)  # raises if this process is not in the group
-    target = _inner_model(model)
-    _check_supported(target, group)
+    target = inner_model(model)
+    check_model(target, world_size=group_size(group))  # refuses what the ring cannot compute exactly
     chunk, tile = resolve_chunked_loss(target, chunked_loss), resolve_tiled_mlp(target, tiled_mlp)
     state = getattr(target, "_hf_ring_attention", None)
     if state is None:
@@ -301,7 +291,7 @@ def patch_model(model, *, group: ProcessGroup | None = None, layout: str = "zigz
     if target.config._attn_implementation != ATTN_NAME:
         target.set_attn_implementation(ATTN_NAME)
     state.settings = _Settings(group, layout, backend, state.scope, state.windows)
-    for m in _attention_modules(target):
+    for m in attention_modules(target):
         m._ring_attention = state.settings
     set_chunked_loss(target, chunk)
     set_tiled_mlp(target, tile)
@@ -313,7 +303,7 @@ def unpatch_model(model):
 
     ``model`` may be the patched model or a PEFT model around it, whichever was passed to
     :func:`patch_model`. Returns ``model``."""
-    target = _inner_model(model)
+    target = inner_model(model)
     state = getattr(target, "_hf_ring_attention", None)
     if state is None:
         return model
@@ -322,7 +312,7 @@ def unpatch_model(model):
     set_tiled_mlp(target, None)
     for hook in state.hooks:
         hook.remove()
-    for m in _attention_modules(target):
+    for m in attention_modules(target):
         if hasattr(m, "_ring_attention"):
             del m._ring_attention
     del target._hf_ring_attention
@@ -333,14 +323,14 @@ def attention_windows(model) -> tuple[int | None, ...]:
     """The sliding windows (None: full attention) the layers of a model patched by
     :func:`patch_model` have attended with so far: the plans worth building for a batch before
     its forward (:meth:`RingBatch.prepare`). Empty before the first forward pass."""
-    state = getattr(_inner_model(model), "_hf_ring_attention", None)
+    state = getattr(inner_model(model), "_hf_ring_attention", None)
     return () if state is None else tuple(state.windows)
 
 
 def is_patched(model) -> bool:
     """Whether ``model`` (or the base model of a PEFT model) runs ring attention: patched by
     :func:`patch_model` and still set to its attention implementation."""
-    target = _inner_model(model)
+    target = inner_model(model)
     config = getattr(target, "config", None)
     return (getattr(target, "_hf_ring_attention", None) is not None
             and getattr(config, "_attn_implementation", None) == ATTN_NAME)
