@@ -13,8 +13,12 @@ does not let users replace in its padding-free modes) so that each collated batc
 Exactness follows from the Trainer's own bookkeeping: it counts the targets of the sharded
 ``shift_labels`` on every rank and sums them over all processes (``num_items_in_batch`` over the
 gradient-accumulation micro-batches and all replicas), and scales the loss by the number of
-processes to undo DDP's averaging. In evaluation each rank's loss is scaled so that the Trainer's
-mean over processes is the batch's token mean.
+processes to undo DDP's averaging. In evaluation, every rank of a group reports the group's
+token-mean loss for every batch (:func:`_group_eval_loss`).
+
+The collator runs where the Trainer's data loader runs: in the main process
+(``dataloader_num_workers=0``, which the callback requires), since sharding needs the process
+group, which worker processes do not have.
 """
 
 from __future__ import annotations
@@ -83,6 +87,14 @@ class RingAttentionCallback(TrainerCallback):
             )
         if model is None:
             raise ValueError("RingAttentionCallback needs the Trainer's model")
+        if getattr(args, "dataloader_num_workers", 0):
+            raise ValueError(
+                f"RingAttentionCallback shards each batch in the data collator, which runs in the "
+                f"data loader's worker processes when dataloader_num_workers > 0 (got "
+                f"{args.dataloader_num_workers}); they have no context-parallel process group. Set "
+                f"dataloader_num_workers=0 (collating a tokenized batch is cheap; tokenize in the "
+                f"dataset, e.g. with datasets.map)."
+            )
         state = AcceleratorState()
         if not check_engine(state) and is_fully_sharded(model):
             raise ValueError(
@@ -153,9 +165,10 @@ def _group_eval_loss(compute_loss, cp):
 class ShardingCollator:
     """Collate features with ``collator``, then keep this rank's shard (``shard_batch``).
 
-    ``num_items_in_batch`` is set for evaluation (the Trainer replaces it during training):
-    the batch's target count divided by the group size, so that the mean of the ranks' losses,
-    which the Trainer reports, is the batch's token-mean loss."""
+    ``num_items_in_batch`` is the batch's target count divided by the group size, for a model
+    called on the collated batch directly: the ranks' losses then add up to the batch's token
+    mean. The Trainer passes its own count instead (over all processes, in training and in
+    evaluation)."""
 
     def __init__(self, callback: RingAttentionCallback, collator):
         self.callback, self.collator = callback, collator

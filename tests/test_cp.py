@@ -123,3 +123,17 @@ def test_batches_sharded_for_a_patched_model_get_their_plans_before_the_forward(
     assert all(torch.device("cpu") in plan._on_device for plan in plans.values())  # uploaded
     model(**local)
     assert len(built) == 2  # the forward built nothing more
+
+
+def test_callback_refuses_data_loader_workers(tmp_path):
+    # the collator shards, and worker processes have no process group: refused when the Trainer
+    # is built, with the setting to change
+    from transformers import Trainer, TrainingArguments
+
+    from hf_ring_attention.trainer import RingAttentionCallback
+    from models import examples, tiny_model
+
+    args = TrainingArguments(output_dir=str(tmp_path), dataloader_num_workers=2, use_cpu=True, report_to=[])
+    with pytest.raises(ValueError, match=r"dataloader_num_workers > 0 \(got 2\).*Set dataloader_num_workers=0"):
+        Trainer(model=tiny_model("llama"), args=args, train_dataset=examples(2, packed=False),
+                callbacks=[RingAttentionCallback()])
