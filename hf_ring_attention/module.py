@@ -1,7 +1,7 @@
 """``RingAttention``: a multi-head attention layer for models written directly in PyTorch.
 
-It is built from the public pieces only (``pad_for_layout``, ``shard``, ``ring_attention``,
-``unshard``, ``unpad``); the ring itself is :func:`hf_ring_attention.ring_attention`.
+It is built from the public pieces only (``pad_for_layout``, ``shard``, ``RingPlan`` with
+``ring_attention_with_plan``, ``unshard``, ``unpad``): no second ring.
 
 Legend: B batch rows, S tokens per row, T packed tokens (of this rank), H query heads, Hkv key/value
 heads, D head dim.
@@ -15,7 +15,8 @@ from torch import nn
 
 from .distributed import group_rank, group_size
 from .layout import as_boundaries, check_layout, check_total, local_indices, pad_for_layout, unpad
-from .ring import ring_attention
+from .plan import RingPlan
+from .ring import ring_attention_with_plan
 from .sharding import shard, unshard
 
 ROPE_THETA = 10000.0
@@ -152,6 +153,7 @@ class RingAttention(nn.Module):
         self.to_v = nn.Linear(dim, kv_heads * dim_head, bias=False)
         self.to_out = nn.Linear(heads * dim_head, dim, bias=False)
         self._replicas_checked = False  # set after the first call's cross-rank check
+        self._last_plan: tuple | None = None  # (documents, RingPlan) of the last call
 
     def extra_repr(self) -> str:
         return (
@@ -311,11 +313,21 @@ class RingAttention(nn.Module):
         if self.rotary:
             cos, sin = rotary_cos_sin(positions, self.dim_head, q.dtype, q.device)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = ring_attention(
-            q, k, v, cu_seqlens, group=self.group, layout=self.layout, causal=self.causal,
-            window_size=self.window_size, backend=self.backend, seqused=seqused,
-        )
+        out = ring_attention_with_plan(q, k, v, self._plan(cu_seqlens, seqused), group=self.group,
+                                       backend=self.backend)
         return self.to_out(out.reshape(T, self.heads * self.dim_head))
+
+    def _plan(self, cu_seqlens: torch.Tensor, seqused) -> RingPlan:
+        """The ring plan of these documents, kept while they stay the same (consecutive calls with
+        the same structure, e.g. the layers of a model over one batch, plan once and compare the
+        ranks' inputs once)."""
+        key = (tuple(as_boundaries(cu_seqlens)), None if seqused is None else tuple(torch.as_tensor(seqused).tolist()))
+        if self._last_plan is None or self._last_plan[0] != key:
+            plan = RingPlan(cu_seqlens, world_size=group_size(self.group), rank=group_rank(self.group),
+                            layout=self.layout, causal=self.causal, window_size=self.window_size,
+                            seqused=seqused)
+            self._last_plan = (key, plan)
+        return self._last_plan[1]
 
 
 # --------------------------------------------------------------------------------- helpers
