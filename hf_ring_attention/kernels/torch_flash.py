@@ -31,6 +31,10 @@ def check(device: torch.device, dtype: torch.dtype, head_dim: int, softcap: floa
         return reason
     if not hasattr(torch.ops.aten, "_flash_attention_forward"):
         return f"needs torch.ops.aten._flash_attention_forward, absent from torch {torch.__version__}"
+    if torch.version.hip:
+        # ROCm's build of the op returns the log-sum-exp in another layout (padded per
+        # sequence), which the merge would misread; unchecked, so refused
+        return f"is checked on CUDA only, not on ROCm (torch {torch.__version__}, HIP {torch.version.hip})"
     major, minor = capability(device.index)
     if major < 8:
         return f"needs an sm80 (Ampere) or newer GPU, this one is sm{major}{minor}"
