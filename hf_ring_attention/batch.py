@@ -83,7 +83,7 @@ class RingBatch:
         """The (cached) causal plan of this batch for one sliding window (None: no window)."""
         if window_size not in self._plans:
             plan = RingPlan(
-                self.bounds, world_size=self.world_size, rank=self.rank, layout=self.layout,
+                bounds=self.bounds, world_size=self.world_size, rank=self.rank, layout=self.layout,
                 causal=True, window_size=window_size, seqused=self.lengths,
             )
             if self.check:  # the ranks compare this batch when they compare the plan (ring.py)

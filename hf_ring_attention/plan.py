@@ -409,8 +409,8 @@ class RingPlan:
     moves on, and no layer waits for planning.
 
     Args:
-        cu_seqlens (`torch.Tensor` or `list[int]`, *optional*): int32 global (unsharded) document
-            boundaries, identical on every rank. None means one document of ``total`` tokens.
+        cu_seqlens (`torch.Tensor`, *optional*): int32 global (unsharded) document boundaries,
+            identical on every rank. None means one document of ``total`` tokens (or ``bounds``).
         world_size (`int`): ranks in the context-parallel group.
         rank (`int`): this rank in the group.
         layout (`str`): ``"zigzag"`` (default), ``"contiguous"`` or ``"striped"``.
@@ -421,6 +421,8 @@ class RingPlan:
             :func:`pad_for_layout`); the rest of each document is padding that neither attends
             nor is attended to. None: no padding.
         total (`int`, *optional*): total tokens, needed only when ``cu_seqlens`` is None.
+        bounds (`list[int]`, *optional*): the same boundaries as a list of ints, instead of
+            ``cu_seqlens`` (what :class:`~hf_ring_attention.RingBatch` holds; no tensor round trip).
     """
 
     def __init__(
@@ -434,13 +436,16 @@ class RingPlan:
         window_size: int | None = None,
         seqused=None,
         total: int | None = None,
+        bounds: Sequence[int] | None = None,
     ):
         check_layout(layout)
+        if bounds is not None and cu_seqlens is not None:
+            raise ValueError("pass the document boundaries once: cu_seqlens (int32 tensor) or bounds (list)")
         if not isinstance(world_size, int) or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         if window_size is not None and (not isinstance(window_size, int) or window_size < 1):
             raise ValueError(f"window_size must be a positive int or None, got {window_size!r}")
-        self.bounds = as_boundaries(cu_seqlens, total)
+        self.bounds = as_boundaries(cu_seqlens if bounds is None else bounds, total)
         self.seqused = self._check_seqused(seqused)
         longest = max(b - a for a, b in zip(self.bounds, self.bounds[1:]))
         if window_size is not None and window_size >= longest:
