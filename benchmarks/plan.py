@@ -11,6 +11,9 @@ Wall time is what a rank waits; CPU time (``time.process_time``) is the work its
 better figure on a shared machine, where wall time also counts the waits for a core.
 It also reports the plan's size: kernel calls and segments per step on the slowest rank, and
 the time to move the plan's index tensors to the device (``RingPlan.upload``; on CPU a copy).
+Last, the share of query and key rows, over every call of every timed rank, that the ring
+gathers (``index_select``) and scatters back instead of taking as a view of a contiguous range:
+a call's rows are a range when its segments abut; layout padding and causal crops break them.
 
     python benchmarks/plan.py --out plan.json
     python benchmarks/plan.py --world-sizes 8 --docs 512        # the issue's target point
@@ -85,6 +88,7 @@ def time_plans(bounds, used, layout, P, window, repeats, device, max_ranks=None)
         build_s.append(statistics.median(samples))
         cpu_s.append(statistics.median(cpu))
         plans.append(plan)
+    gathered = _gathered_rows(plans)
     slowest = max(range(len(ranks)), key=lambda i: build_s[i])
     plan = plans[slowest]
     steps = plan.steps[: plan.num_steps]
@@ -98,6 +102,7 @@ def time_plans(bounds, used, layout, P, window, repeats, device, max_ranks=None)
         "num_steps": plan.num_steps,
         "calls_per_step_max": max(len(c) for c in steps),
         "segments_max": max(sum(len(call.segments) for call in c) for c in steps),
+        **gathered,
     }
     upload = getattr(plan, "upload", None)
     if upload is not None:
@@ -107,6 +112,19 @@ def time_plans(bounds, used, layout, P, window, repeats, device, max_ranks=None)
             torch.cuda.synchronize(device)
         row["upload_ms"] = (time.perf_counter() - t0) * 1e3
     return row
+
+
+def _gathered_rows(plans) -> dict:
+    """Share of the query and key rows of every call that are gathered rather than sliced."""
+    total = {"q": 0, "k": 0}
+    gathered = {"q": 0, "k": 0}
+    for plan in plans:
+        for step in plan.device_calls("cpu"):
+            for call in step:
+                for side, rows in (("q", call.q_rows), ("k", call.k_rows)):
+                    total[side] += len(rows)
+                    gathered[side] += len(rows) if rows.index is not None else 0
+    return {f"{side}_rows_gathered": gathered[side] / max(total[side], 1) for side in ("q", "k")}
 
 
 def main(argv=None) -> dict:
@@ -141,7 +159,8 @@ def main(argv=None) -> dict:
                     rows.append(row)
                     print(f"{layout:>10} window={str(window):>5} P={P:>2} docs={docs:>4}: slowest rank "
                           f"{row['plan_ms_max']:.1f} ms (mean {row['plan_ms_mean']:.1f}, CPU {row['plan_cpu_ms_max']:.1f}), "
-                          f"{row['num_steps']} steps, <= {row['calls_per_step_max']} calls per step", flush=True)
+                          f"{row['num_steps']} steps, <= {row['calls_per_step_max']} calls per step, "
+                          f"rows gathered q {row['q_rows_gathered']:.0%} k {row['k_rows_gathered']:.0%}", flush=True)
     print()
     print_machine(machine)
     print_table(rows, [("layout", "layout", ""), ("window", "window", ""), ("world_size", "P", ""),
@@ -149,7 +168,8 @@ def main(argv=None) -> dict:
                        ("plan_ms_mean", "plan ms (mean)", ".1f"), ("plan_cpu_ms_max", "CPU ms (slowest)", ".1f"),
                        ("num_steps", "steps", ""),
                        ("calls_per_step_max", "calls/step", ""), ("segments_max", "segments/step", ""),
-                       ("upload_ms", "upload ms", ".2f")])
+                       ("upload_ms", "upload ms", ".2f"), ("q_rows_gathered", "q gathered", ".0%"),
+                       ("k_rows_gathered", "k gathered", ".0%")])
     payload = {"benchmark": "plan", "machine": machine, "settings": vars(args), "target_ms": TARGET_MS,
                "results": rows}
     write_json(args.out, payload)

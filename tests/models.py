@@ -32,6 +32,22 @@ def tiny_model(kind: str, seed: int = 0, attn: str = "sdpa"):
     return cls(config)
 
 
+def enable_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing of every decoder layer: transformers 5.24 renamed
+    ``gradient_checkpointing_enable`` (the old name warns); 5.0 has only the old one."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def is_checkpointing(model) -> bool:
+    if hasattr(type(model), "is_activation_checkpointing"):
+        return model.is_activation_checkpointing
+    return model.is_gradient_checkpointing
+
+
 def batches(seed: int = 0):
     """Named full batches (identical on every rank): one long sequence of awkward length, two
     rows with right padding, and packed documents described by position_ids."""

@@ -45,6 +45,7 @@ def test_flattening_collator_keys_are_accepted_and_change_nothing():
 
 
 def test_trl_padding_free_collator_keys_are_accepted():
+    import trl
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     collator = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True, pad_to_multiple_of=8)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from helpers import launch
-from models import BATCH, LR, collate, examples, tiny_model
+from models import BATCH, LR, collate, enable_checkpointing, examples, is_checkpointing, tiny_model
 from test_accelerate import STEPS, reference
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -45,7 +45,7 @@ def _train(rank, world_size, cp_size, accumulate, checkpointing, result_path):
     mesh = init_device_mesh("cpu", (world_size,))  # parameters sharded over every process
     model = tiny_model("llama")
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     model = _shard(model, mesh)
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)  # after fully_shard: DTensor parameters
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / STEPS)
@@ -53,7 +53,7 @@ def _train(rank, world_size, cp_size, accumulate, checkpointing, result_path):
     loader = torch.utils.data.DataLoader(data, batch_size=BATCH, shuffle=False, collate_fn=collate)
     cp = ContextParallelPlugin(cp_size=cp_size)
     model, opt, loader, sched = cp.prepare(accelerator, model, opt, loader, sched)
-    assert is_fully_sharded(model) and model.is_gradient_checkpointing == checkpointing
+    assert is_fully_sharded(model) and is_checkpointing(model) == checkpointing
     losses, running = [], 0.0
     for batch in loader:
         with accelerator.accumulate(model):

@@ -16,7 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import hf_ring_attention as hra
 from hf_ring_attention.memory import ModelShape, activation_bytes_per_token, estimate_memory, longest_sequence, main
-from models import tiny_model
+from models import enable_checkpointing, tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
@@ -87,7 +87,7 @@ def test_estimate_is_within_five_percent_of_the_live_tensor_peak_of_a_training_s
     model = LlamaForCausalLM(config).to(getattr(torch, dtype))
     model = hra.patch_model(model, chunked_loss=loss == "chunked", tiled_mlp=128 if mlp == "tiled" else False).train()
     if checkpointing:
-        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+        enable_checkpointing(model)
     optimizer = torch.optim.AdamW(model.parameters(), foreach=True)
     ids = torch.randint(0, SMALL["vocab_size"], (1, 512))
     batch = hra.shard_batch({"input_ids": ids, "labels": ids})

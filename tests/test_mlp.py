@@ -10,7 +10,7 @@ import torch
 import hf_ring_attention as hra
 from hf_ring_attention.mlp import _TiledMLP
 from helpers import rel_err
-from models import batches, reference_kwargs, tiny_model
+from models import batches, enable_checkpointing, reference_kwargs, tiny_model
 
 TOL = 1e-5  # float32 chunked products against one product: a few ulps
 TOL64 = 1e-6  # against float64: float32 rounding through three 32 x 64 products
@@ -62,8 +62,7 @@ def test_patched_model_with_tiled_mlp_equals_unpatched(checkpointing):
     reference = tiny_model("qwen3").train()
     patched = hra.patch_model(copy.deepcopy(reference), tiled_mlp=6).train()
     if checkpointing:
-        # transformers 5.24 renamed it (the old name warns); 5.0 has only the old one
-        (getattr(patched, "activation_checkpointing_enable", None) or patched.gradient_checkpointing_enable)()
+        enable_checkpointing(patched)
     for name, batch in batches().items():
         reference.zero_grad()
         patched.zero_grad()

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from hf_ring_attention import RingAttention, pad_for_layout, shard
 from hf_ring_attention.layout import layout_multiple
-from helpers import assert_close, attention_reference, random_bounds, spawn
+from helpers import assert_close, attention_reference, spawn
 
 F32 = torch.float32
 DIM, DIM_HEAD = 24, 8

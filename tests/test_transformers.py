@@ -12,7 +12,7 @@ from transformers import (
 
 import hf_ring_attention as hra
 from helpers import rel_err, spawn
-from models import COMMON, batches, reference_kwargs, tiny_model
+from models import COMMON, batches, enable_checkpointing, reference_kwargs, tiny_model
 
 # float32 against float32: both sides round differently (block-wise softmax here, one softmax
 # there), a few ulps amplified through two layers; 1e-5 relative is far below any real error.
@@ -325,7 +325,7 @@ def test_plain_batch_gradients_with_activation_checkpointing():
     structure is rebuilt there, and the gradients stay exact."""
     reference = tiny_model("mistral")
     patched = hra.patch_model(copy.deepcopy(reference))
-    patched.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(patched)
     patched.train()
     reference.train()
     batch = _packed_and_padded()

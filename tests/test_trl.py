@@ -7,7 +7,7 @@ process training without the ring, and so does the evaluation loss and metrics."
 import datasets  # noqa: F401  (the test extra installs it: a missing package fails, never skips)
 import pytest
 import torch
-import trl
+import trl  # noqa: F401  (likewise)
 
 from helpers import launch
 from models import VOCAB, tiny_model
