@@ -143,6 +143,20 @@ def flatten_mesh(mesh, dims: tuple[str, ...], name: str):
     return mesh[dims]._flatten(name)
 
 
+def group_timeout(group=None):
+    """The timeout ``group`` (default: the default process group) was created with: what
+    ``init_process_group(timeout=...)`` or accelerate's ``InitProcessGroupKwargs`` set. None where
+    it cannot be read. Checked against torch 2.11 and 2.13."""
+    import torch.distributed as dist
+
+    group = dist.distributed_c10d._get_default_group() if group is None else group
+    for device in group._device_types:
+        timeout = getattr(getattr(group._get_backend(device), "options", None), "_timeout", None)
+        if timeout is not None:
+            return timeout
+    return None
+
+
 def fsdp_gradient_divide_factors(module) -> list[float | None]:
     """The gradient divide factor of each parameter group of an FSDP2 module: None means the
     default, the number of ranks the gradient is reduced over (``set_gradient_divide_factor`` has
@@ -254,6 +268,15 @@ def _probe_fsdp_divide_factor() -> bool:
             and "self.gradient_divide_factor" in inspect.getsource(FSDPParamGroup.__init__))
 
 
+def _probe_group_timeout() -> bool:
+    import torch.distributed as dist
+
+    return (callable(getattr(dist.distributed_c10d, "_get_default_group", None))
+            and all(hasattr(dist.ProcessGroup, name) for name in ("_device_types", "_get_backend", "set_timeout"))
+            and isinstance(getattr(dist.ProcessGroupGloo, "options", None), property)
+            and hasattr(dist.ProcessGroupGloo._Options, "_timeout"))
+
+
 def _probe_module_hooks() -> bool:
     import torch
 
@@ -279,5 +302,6 @@ PROBES: dict[str, Callable[[], bool]] = {
     "sync_gradients, optimizers[].step_was_skipped) and torch LRScheduler._step_count": _probe_scheduler,
     "accelerate AcceleratorState.parallelism_config": _probe_parallelism_config,
     "torch DeviceMesh._flatten": _probe_flatten,
+    "torch ProcessGroup._device_types, _get_backend(device).options._timeout": _probe_group_timeout,
     "torch FSDPModule._get_fsdp_state()._fsdp_param_groups[].gradient_divide_factor": _probe_fsdp_divide_factor,
 }

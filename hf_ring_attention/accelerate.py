@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 
 logger = logging.get_logger(__name__)
 
+_OPTIONS = ("cp_size", "layout", "backend", "check_batches", "chunked_loss", "tiled_mlp")
+
 
 @dataclass
 class ContextParallelPlugin:
@@ -68,8 +70,21 @@ class ContextParallelPlugin:
     model: PreTrainedModel | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
-        self.cp = ContextParallelSetup(self.cp_size, self.layout, self.backend, self.check_batches,
-                                       chunked_loss=self.chunked_loss, tiled_mlp=self.tiled_mlp)
+        self.cp = ContextParallelSetup(**{name: getattr(self, name) for name in _OPTIONS})
+
+    def __setattr__(self, name, value):
+        # the options live in self.cp (shared with the callback's code): keep it in step, and
+        # refuse a change that would come too late to take effect
+        cp = self.__dict__.get("cp")
+        if name in _OPTIONS and cp is not None:
+            if cp.mesh is not None:
+                raise AttributeError(
+                    f"ContextParallelPlugin.{name} cannot change after setup() or prepare(): the mesh "
+                    f"and the patched model were built with {name}={getattr(self, name)!r}"
+                )
+            options = {option: getattr(self, option) for option in _OPTIONS}
+            super().__setattr__("cp", ContextParallelSetup(**{**options, name: value}))  # checks value
+        super().__setattr__(name, value)
 
     @property
     def mesh(self) -> CPMesh | None:

@@ -97,8 +97,14 @@ class CPMesh:
             )
         # under FSDP2, accelerate's own mesh (from its parallelism config) has no "cp": replaced
         mesh = init_device_mesh(device_type, shape, mesh_dim_names=names)
+        groups = mesh.get_all_groups()
         if fsdp_replicas is not None:
-            _compat.flatten_mesh(mesh, ("dp_shard", "cp"), FSDP_SHARD_DIM)
+            groups.append(_compat.flatten_mesh(mesh, ("dp_shard", "cp"), FSDP_SHARD_DIM).get_group())
+        # torch gives the mesh's new groups its default timeout (10 or 30 minutes), not the one the
+        # processes were started with: a rank that stops answering must fail the others in time
+        timeout = _compat.group_timeout()
+        for group in groups if timeout is not None else ():
+            group.set_timeout(timeout)
         return cls(world_size, cp, mesh)
 
 

@@ -8,6 +8,8 @@ import torch
 
 from hf_ring_attention.cp import ENV_CP_SIZE, ContextParallelSetup, FSDP_SHARD_DIM, check_engine, mesh_layout, resolve_cp_size
 
+from helpers import spawn
+
 
 def test_cp_size_argument_wins_over_environment_which_wins_over_world_size(monkeypatch):
     monkeypatch.delenv(ENV_CP_SIZE, raising=False)
@@ -137,3 +139,42 @@ def test_callback_refuses_data_loader_workers(tmp_path):
     with pytest.raises(ValueError, match=r"dataloader_num_workers > 0 \(got 2\).*Set dataloader_num_workers=0"):
         Trainer(model=tiny_model("llama"), args=args, train_dataset=examples(2, packed=False),
                 callbacks=[RingAttentionCallback()])
+
+
+def test_plugin_options_changed_before_setup_take_effect_and_after_it_are_refused():
+    from hf_ring_attention.accelerate import ContextParallelPlugin
+
+    plugin = ContextParallelPlugin(cp_size=2)
+    plugin.layout, plugin.chunked_loss = "striped", 256
+    assert (plugin.cp.layout, plugin.cp.chunked_loss, plugin.cp.cp_size) == ("striped", 256, 2)
+    with pytest.raises(ValueError, match="bogus"):
+        plugin.layout = "bogus"
+    assert plugin.layout == plugin.cp.layout == "striped"
+    plugin.cp.mesh = SimpleNamespace(cp_size=2)  # as setup() leaves it
+    with pytest.raises(AttributeError, match="layout cannot change after setup"):
+        plugin.layout = "zigzag"
+    assert plugin.layout == plugin.cp.layout == "striped"
+    plugin.model = None  # other attributes stay free
+
+
+def _mesh_group_timeouts(rank, world_size):
+    from datetime import timedelta
+
+    from hf_ring_attention import _compat
+    from hf_ring_attention.cp import CPMesh
+
+    started_with = _compat.group_timeout()
+    assert started_with == timedelta(seconds=60)  # helpers.spawn's init_process_group(timeout=)
+    ddp = CPMesh.build(2, "cpu")
+    fsdp = CPMesh.build(2, "cpu", fsdp_replicas=1)
+    groups = {f"ddp {name}": ddp.mesh.get_group(name) for name in ddp.mesh.mesh_dim_names}
+    groups |= {f"fsdp {name}": fsdp.mesh.get_group(name) for name in (*fsdp.mesh.mesh_dim_names, FSDP_SHARD_DIM)}
+    timeouts = {name: _compat.group_timeout(group) for name, group in groups.items()}
+    assert timeouts == dict.fromkeys(groups, started_with), timeouts
+
+
+@pytest.mark.distributed
+def test_mesh_groups_keep_the_timeout_the_processes_started_with():
+    """torch gives a device mesh's new groups its default timeout (30 minutes for gloo, 10 for
+    NCCL): a rank that stops answering would hang the others far past the user's timeout."""
+    spawn(_mesh_group_timeouts, 2)
