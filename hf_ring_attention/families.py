@@ -124,6 +124,8 @@ def check_model(model, world_size: int = 1) -> None:
         raise NotImplementedError(
             f"ring attention cannot compute {type(model).__name__} (model_type={model_type!r}) exactly: "
             + "; ".join(str(r) for r in found)
+            + ". The README's 'Supported models' table lists every transformers causal LM and why each "
+              "refused one is refused."
         )
 
 

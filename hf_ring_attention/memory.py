@@ -73,6 +73,7 @@ class ModelShape:
     num_parameters: int
     head_parameters: int
     qk_norm: bool
+    max_positions: int | None = None  # config.max_position_embeddings: the context it was built for
 
     @classmethod
     def from_config(cls, config) -> ModelShape:
@@ -101,7 +102,7 @@ class ModelShape:
             num_kv_heads=getattr(config, "num_key_value_heads", None) or heads, head_dim=head_dim,
             vocab_size=config.vocab_size, num_parameters=sum(p.numel() for p in params),
             head_parameters=head.numel(),
-            qk_norm=model_type == "qwen3",
+            qk_norm=model_type == "qwen3", max_positions=getattr(config, "max_position_embeddings", None),
         )
 
 
@@ -299,13 +300,21 @@ def _gib(n: float) -> str:
     return f"{n / GIB:8.2f}"
 
 
+def _count(n: int) -> str:
+    """1.236 B, 12.4 M, 35.2 K parameters."""
+    for size, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= size:
+            return f"{n / size:.{3 if unit == 'B' else 1}f} {unit}"
+    return str(n)
+
+
 def format_estimate(est: MemoryEstimate, shape: ModelShape, gpu_memory_gib: float | None = None,
                     longest: int | None = None, headroom: float = 0.1) -> str:
     s = est.settings
     lines = [
         f"model: {shape.model_type}, {shape.num_layers} layers, hidden {shape.hidden_size}, MLP "
         f"{shape.intermediate_size}, {shape.num_heads}/{shape.num_kv_heads} heads x {shape.head_dim}, "
-        f"vocabulary {shape.vocab_size}, {shape.num_parameters / 1e9:.3f} B parameters",
+        f"vocabulary {shape.vocab_size}, {_count(shape.num_parameters)} parameters",
         f"setting: {s['batch_size']} x {s['seq_len']} tokens over cp_size={s['cp_size']} -> "
         f"{est.tokens_per_rank} tokens per rank; {s['dtype']}; loss "
         f"{'chunked' if s['chunked_loss'] else 'standard'}; MLP {'tiled' if s['tiled_mlp'] else 'standard'}; "
@@ -313,6 +322,9 @@ def format_estimate(est: MemoryEstimate, shape: ModelShape, gpu_memory_gib: floa
         "",
         "per rank                   GiB",
     ]
+    if shape.max_positions and s["seq_len"] > shape.max_positions:
+        lines.insert(2, f"note: seq_len {s['seq_len']} exceeds the model's max_position_embeddings "
+                        f"({shape.max_positions}); the estimate counts memory only")
     for name, value in est.parts().items():
         lines.append(f"  {name:<20} {_gib(value)}")
     moments = ", ".join(f"{name} {value / GIB:.2f}" for name, value in est.moments.items())
@@ -325,6 +337,9 @@ def format_estimate(est: MemoryEstimate, shape: ModelShape, gpu_memory_gib: floa
         if longest:
             lines.append(f"longest sequence that fits with cp_size={s['cp_size']}: {longest} tokens "
                          f"({longest // s['cp_size']} per rank)")
+            if shape.max_positions and longest > shape.max_positions:
+                lines.append(f"  (memory only: the model's max_position_embeddings is {shape.max_positions}; "
+                             f"beyond it its positions are untrained unless you extend its rotary scaling)")
         elif longest is not None:
             fixed = (est.weights + est.gradients + est.optimizer_state) / GIB
             lines.append(f"no sequence fits with cp_size={s['cp_size']}: weights, gradients and optimizer "

@@ -28,15 +28,25 @@ def finetune():
     return finetune
 
 
-def launch_finetune(cwd: Path, *args: str):
-    """`accelerate launch` examples/finetune.py on 2 CPU processes; returns the finished run."""
+def launch_finetune(cwd: Path, *args: str, script: str = "finetune.py"):
+    """`accelerate launch` examples/finetune.py (or ``script``) on 2 CPU processes; returns the
+    finished run."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--main_process_port", str(free_port()), str(ROOT / "examples" / "finetune.py"), *args]
+           "--main_process_port", str(free_port()), str(ROOT / "examples" / script), *args]
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": path}
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=cwd)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return run
+
+
+@pytest.mark.distributed
+def test_trainer_example_runs_as_the_readme_says(tmp_path):
+    run = launch_finetune(tmp_path, "--seq-len", "128", "--max-steps", "2", "--output-dir", str(tmp_path / "out"),
+                          script="trainer.py")
+    loss = float(run.stdout.split("eval loss (answer digits): ")[1].split()[0])
+    assert math.isfinite(loss) and loss > 0
+    assert (tmp_path / "out" / "checkpoint-2").is_dir()
 
 
 @pytest.mark.distributed

@@ -15,7 +15,8 @@ from torch.utils._pytree import tree_leaves
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import hf_ring_attention as hra
-from hf_ring_attention.memory import ModelShape, activation_bytes_per_token, estimate_memory, longest_sequence, main
+from hf_ring_attention.memory import (ModelShape, activation_bytes_per_token, estimate_memory, format_estimate,
+                                      longest_sequence, main)
 from models import enable_checkpointing, tiny_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -167,6 +168,22 @@ def test_command_line_reads_a_local_config_offline(tmp_path, capsys):
     assert "tokens per rank" in proc.stdout and "does NOT fit" not in proc.stdout
     with open(tmp_path / "config.json") as f:
         assert estimate_memory(json.load(f), 4096).peak == estimate_memory(str(tmp_path), 4096).peak
+
+
+
+def test_command_line_says_when_the_sequence_passes_the_models_positions(capsys):
+    config = LlamaConfig(**{**SMALL, "max_position_embeddings": 2048})
+    shape = ModelShape.from_config(config)
+    assert shape.max_positions == 2048
+    longest = longest_sequence(shape, 2, 1, chunked_loss=True, dtype="float32")
+    assert longest > 2048  # a small model: memory allows far more than its positions
+    print(format_estimate(estimate_memory(shape, 4096, 2, dtype="float32"), shape, 1, longest))
+    out = capsys.readouterr().out
+    assert "seq_len 4096 exceeds the model's max_position_embeddings (2048)" in out
+    assert "memory only: the model's max_position_embeddings is 2048" in out
+    assert f"{shape.num_parameters / 1e3:.1f} K parameters" in out  # not "0.000 B"
+    print(format_estimate(estimate_memory(shape, 2048, 2, dtype="float32"), shape))
+    assert "max_position_embeddings" not in capsys.readouterr().out
 
 
 @pytest.mark.distributed
