@@ -195,7 +195,8 @@ def model_worker(rank: int, world_size: int, cfg: dict) -> dict:
     model = patch_model(LlamaForCausalLM(LlamaConfig(**cfg["config"])), layout=cfg["layout"],
                         chunked_loss=cfg["loss"] == "chunked", tiled_mlp=cfg["mlp"] == "tiled").train()
     if cfg["gradient_checkpointing"]:
-        model.gradient_checkpointing_enable()
+        # transformers 5.24 renamed it (the old name warns); 5.0 has only the old one
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True) if cfg["optimizer"] == "adamw" else None
     gen = torch.Generator().manual_seed(0)  # the same batch on every rank
 

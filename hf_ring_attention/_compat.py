@@ -146,15 +146,31 @@ def flatten_mesh(mesh, dims: tuple[str, ...], name: str):
 def group_timeout(group=None):
     """The timeout ``group`` (default: the default process group) was created with: what
     ``init_process_group(timeout=...)`` or accelerate's ``InitProcessGroupKwargs`` set. None where
-    it cannot be read. Checked against torch 2.11 and 2.13."""
+    it cannot be read (backends other than gloo and NCCL have no options). Checked against torch
+    2.11 and 2.13."""
     import torch.distributed as dist
 
     group = dist.distributed_c10d._get_default_group() if group is None else group
     for device in group._device_types:
-        timeout = getattr(getattr(group._get_backend(device), "options", None), "_timeout", None)
+        try:
+            timeout = group._get_backend(device).options._timeout
+        except (AttributeError, RuntimeError):
+            continue
         if timeout is not None:
             return timeout
     return None
+
+
+def inherit_timeout(groups) -> None:
+    """Give ``groups`` the default process group's timeout (torch gives the groups of a device
+    mesh its built-in default instead: 30 minutes for gloo, 10 for NCCL); a backend that cannot
+    change its timeout keeps its own."""
+    timeout = group_timeout()
+    for group in groups if timeout is not None else ():
+        try:
+            group.set_timeout(timeout)
+        except RuntimeError:
+            pass
 
 
 def fsdp_gradient_divide_factors(module) -> list[float | None]:

@@ -20,7 +20,7 @@ micro-batches, is that token mean.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
 import torch
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 logger = logging.get_logger(__name__)
 
-_OPTIONS = ("cp_size", "layout", "backend", "check_batches", "chunked_loss", "tiled_mlp")
+_OPTIONS = tuple(f.name for f in fields(ContextParallelSetup) if f.init)  # the plugin's option fields
 
 
 @dataclass

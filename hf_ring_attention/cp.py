@@ -89,6 +89,7 @@ class CPMesh:
             return cls(1, 1, None)
         names, shape = mesh_layout(world_size, cp, fsdp_replicas)
         if existing is not None and tuple(existing.mesh_dim_names or ()) == names and tuple(existing.shape) == shape:
+            _compat.inherit_timeout(existing.get_all_groups())
             return cls(world_size, cp, existing)
         if existing is not None and fsdp_replicas is None:
             raise ValueError(
@@ -100,11 +101,9 @@ class CPMesh:
         groups = mesh.get_all_groups()
         if fsdp_replicas is not None:
             groups.append(_compat.flatten_mesh(mesh, ("dp_shard", "cp"), FSDP_SHARD_DIM).get_group())
-        # torch gives the mesh's new groups its default timeout (10 or 30 minutes), not the one the
-        # processes were started with: a rank that stops answering must fail the others in time
-        timeout = _compat.group_timeout()
-        for group in groups if timeout is not None else ():
-            group.set_timeout(timeout)
+        # a rank that stops answering must fail the others after the timeout the processes were
+        # started with, not torch's default for new groups
+        _compat.inherit_timeout(groups)
         return cls(world_size, cp, mesh)
 
 

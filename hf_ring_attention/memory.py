@@ -74,6 +74,7 @@ class ModelShape:
     head_parameters: int
     qk_norm: bool
     max_positions: int | None = None  # config.max_position_embeddings: the context it was built for
+    rope_scaled: bool = False  # the config's rotary scaling may stretch its positions beyond max_positions
 
     @classmethod
     def from_config(cls, config) -> ModelShape:
@@ -103,7 +104,15 @@ class ModelShape:
             vocab_size=config.vocab_size, num_parameters=sum(p.numel() for p in params),
             head_parameters=head.numel(),
             qk_norm=model_type == "qwen3", max_positions=getattr(config, "max_position_embeddings", None),
+            rope_scaled=_rope_scaled(config),
         )
+
+
+def _rope_scaled(config) -> bool:
+    """Whether the config's rotary embedding is scaled (YaRN, linear, ...): then its
+    max_position_embeddings need not be the longest context the model handles."""
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    return isinstance(rope, dict) and rope.get("rope_type", rope.get("type", "default")) not in ("default", None)
 
 
 @dataclass
@@ -303,7 +312,7 @@ def _gib(n: float) -> str:
 def _count(n: int) -> str:
     """1.236 B, 12.4 M, 35.2 K parameters."""
     for size, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if n >= size:
+        if n >= 0.99995 * size:  # 999,999,999 is 1.000 B, not 1000.0 M
             return f"{n / size:.{3 if unit == 'B' else 1}f} {unit}"
     return str(n)
 
@@ -322,7 +331,7 @@ def format_estimate(est: MemoryEstimate, shape: ModelShape, gpu_memory_gib: floa
         "",
         "per rank                   GiB",
     ]
-    if shape.max_positions and s["seq_len"] > shape.max_positions:
+    if shape.max_positions and s["seq_len"] > shape.max_positions and not shape.rope_scaled:
         lines.insert(2, f"note: seq_len {s['seq_len']} exceeds the model's max_position_embeddings "
                         f"({shape.max_positions}); the estimate counts memory only")
     for name, value in est.parts().items():
@@ -337,7 +346,7 @@ def format_estimate(est: MemoryEstimate, shape: ModelShape, gpu_memory_gib: floa
         if longest:
             lines.append(f"longest sequence that fits with cp_size={s['cp_size']}: {longest} tokens "
                          f"({longest // s['cp_size']} per rank)")
-            if shape.max_positions and longest > shape.max_positions:
+            if shape.max_positions and longest > shape.max_positions and not shape.rope_scaled:
                 lines.append(f"  (memory only: the model's max_position_embeddings is {shape.max_positions}; "
                              f"beyond it its positions are untrained unless you extend its rotary scaling)")
         elif longest is not None:

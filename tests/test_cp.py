@@ -171,10 +171,12 @@ def _mesh_group_timeouts(rank, world_size):
     groups |= {f"fsdp {name}": fsdp.mesh.get_group(name) for name in (*fsdp.mesh.mesh_dim_names, FSDP_SHARD_DIM)}
     timeouts = {name: _compat.group_timeout(group) for name, group in groups.items()}
     assert timeouts == dict.fromkeys(groups, started_with), timeouts
+    assert [groups[f"ddp {name}"].size() for name in ddp.mesh.mesh_dim_names] == [2, 2]  # not the default group
+    assert CPMesh.build(2, "cpu", existing=ddp.mesh).mesh is ddp.mesh  # reused (and its groups kept)
 
 
 @pytest.mark.distributed
 def test_mesh_groups_keep_the_timeout_the_processes_started_with():
     """torch gives a device mesh's new groups its default timeout (30 minutes for gloo, 10 for
     NCCL): a rank that stops answering would hang the others far past the user's timeout."""
-    spawn(_mesh_group_timeouts, 2)
+    spawn(_mesh_group_timeouts, 4)  # dp 2 x cp 2: every dimension a new group of 2 ranks

@@ -184,6 +184,11 @@ def test_command_line_says_when_the_sequence_passes_the_models_positions(capsys)
     assert f"{shape.num_parameters / 1e3:.1f} K parameters" in out  # not "0.000 B"
     print(format_estimate(estimate_memory(shape, 2048, 2, dtype="float32"), shape))
     assert "max_position_embeddings" not in capsys.readouterr().out
+    # a scaled rotary embedding may stretch the positions: no claim about them then
+    scaled = ModelShape.from_config(LlamaConfig(**{**SMALL, "max_position_embeddings": 2048}, rope_scaling={
+        "rope_type": "linear", "factor": 4.0}))
+    print(format_estimate(estimate_memory(scaled, 4096, 2, dtype="float32"), scaled, 1, longest))
+    assert scaled.rope_scaled and "max_position_embeddings" not in capsys.readouterr().out
 
 
 @pytest.mark.distributed
