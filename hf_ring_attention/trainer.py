@@ -35,6 +35,20 @@ from .fsdp import is_fully_sharded
 logger = logging.get_logger(__name__)
 
 
+def _option(name: str) -> property:
+    def get(self):
+        return getattr(self.cp, name)
+
+    def refuse(self, value):
+        raise AttributeError(
+            f"RingAttentionCallback.{name} is fixed at construction (the Trainer sets up the mesh and "
+            f"the model with it): pass RingAttentionCallback({name}={value!r}, ...) instead"
+        )
+
+    return property(get, refuse, doc=f"The ``{name}`` option (read-only; see the class docstring).")
+
+
+
 class RingAttentionCallback(TrainerCallback):
     """Trains a transformers model with ring attention across context-parallel groups.
 
@@ -55,6 +69,13 @@ class RingAttentionCallback(TrainerCallback):
         tiled_mlp (`bool` or `int`): run each decoder layer's MLP over chunks of tokens under
             recomputation (an int: the chunk size in tokens). See :func:`~hf_ring_attention.patch_model`.
     """
+
+    cp_size = _option("cp_size")
+    layout = _option("layout")
+    backend = _option("backend")
+    check_batches = _option("check_batches")
+    chunked_loss = _option("chunked_loss")
+    tiled_mlp = _option("tiled_mlp")
 
     def __init__(self, cp_size: int | None = None, layout: str = "zigzag", backend: str | None = None,
                  check_batches: bool = True, chunked_loss: bool | int = False, tiled_mlp: bool | int = False):
