@@ -48,7 +48,6 @@ def _option(name: str) -> property:
     return property(get, refuse, doc=f"The ``{name}`` option (read-only; see the class docstring).")
 
 
-
 class RingAttentionCallback(TrainerCallback):
     """Trains a transformers model with ring attention across context-parallel groups.
 
