@@ -20,7 +20,7 @@ micro-batches, is that token mean.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -29,14 +29,12 @@ from transformers import PreTrainedModel
 from transformers.utils import logging
 
 from . import _compat
-from .cp import ContextParallelSetup, CPMesh, check_engine
+from .cp import OPTIONS, ContextParallelSetup, CPMesh, check_engine
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
 logger = logging.get_logger(__name__)
-
-_OPTIONS = tuple(f.name for f in fields(ContextParallelSetup) if f.init)  # the plugin's option fields
 
 
 @dataclass
@@ -70,20 +68,23 @@ class ContextParallelPlugin:
     model: PreTrainedModel | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
-        self.cp = ContextParallelSetup(**{name: getattr(self, name) for name in _OPTIONS})
+        self.cp = self._setup()
+
+    def _setup(self, **changes) -> ContextParallelSetup:
+        """A setup from the plugin's options (with ``changes``); it checks them."""
+        return ContextParallelSetup(**{name: changes.get(name, getattr(self, name)) for name in OPTIONS})
 
     def __setattr__(self, name, value):
         # the options live in self.cp (shared with the callback's code): keep it in step, and
         # refuse a change that would come too late to take effect
         cp = self.__dict__.get("cp")
-        if name in _OPTIONS and cp is not None:
+        if name in OPTIONS and cp is not None:
             if cp.mesh is not None:
                 raise AttributeError(
                     f"ContextParallelPlugin.{name} cannot change after setup() or prepare(): the mesh "
                     f"and the patched model were built with {name}={getattr(self, name)!r}"
                 )
-            options = {option: getattr(self, option) for option in _OPTIONS}
-            super().__setattr__("cp", ContextParallelSetup(**{**options, name: value}))  # checks value
+            super().__setattr__("cp", self._setup(**{name: value}))  # checks value before it is set
         super().__setattr__(name, value)
 
     @property

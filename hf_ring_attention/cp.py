@@ -17,7 +17,7 @@ given the same batch.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
 from . import _compat
@@ -214,6 +214,10 @@ class ContextParallelSetup:
         if self.model is not None:
             local["ring_batch"].prepare(attention_windows(self.model), device=local["input_ids"].device)
         return local
+
+
+OPTIONS = tuple(f.name for f in fields(ContextParallelSetup) if f.init)
+"""The user's options of the plugin and the callback (``cp_size``, ``layout``, ...)."""
 
 
 def check_engine(accelerator_state, parallelism_config=None) -> bool:

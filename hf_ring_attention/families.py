@@ -227,19 +227,19 @@ def _attention_modules(model, modules) -> list[Refusal]:
     return []
 
 
-def _rope_types(rope) -> list[str]:
+def rope_types(rope) -> list[str]:
     """Rotary types of a config's ``rope_parameters`` (one dict, or one per layer type)."""
     if not isinstance(rope, dict):
         return []
     if "rope_type" in rope or "type" in rope:
         return [str(rope.get("rope_type", rope.get("type")))]
-    return [t for sub in rope.values() for t in _rope_types(sub)]
+    return [t for sub in rope.values() for t in rope_types(sub)]
 
 
 def _positions(model, text) -> list[Refusal]:
     found = []
     rope = _get(text, "rope_parameters", None) or _get(text, "rope_scaling", None)
-    for rope_type in dict.fromkeys(_rope_types(rope)):
+    for rope_type in dict.fromkeys(rope_types(rope)):
         if any(kind in rope_type for kind in LENGTH_DEPENDENT_ROPE_TYPES):
             found.append(Refusal(
                 f"rope_type {rope_type!r}",

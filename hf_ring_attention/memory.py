@@ -76,6 +76,11 @@ class ModelShape:
     max_positions: int | None = None  # config.max_position_embeddings: the context it was built for
     rope_scaled: bool = False  # the config's rotary scaling may stretch its positions beyond max_positions
 
+    def past_positions(self, seq_len: int) -> bool:
+        """Whether ``seq_len`` passes the positions the model was built for (unknown, or a scaled
+        rotary embedding: False)."""
+        return bool(self.max_positions) and seq_len > self.max_positions and not self.rope_scaled
+
     @classmethod
     def from_config(cls, config) -> ModelShape:
         """Read a transformers config; the parameters are counted on a model built on the meta
@@ -111,8 +116,10 @@ class ModelShape:
 def _rope_scaled(config) -> bool:
     """Whether the config's rotary embedding is scaled (YaRN, linear, ...): then its
     max_position_embeddings need not be the longest context the model handles."""
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    return isinstance(rope, dict) and rope.get("rope_type", rope.get("type", "default")) not in ("default", None)
+    from .families import rope_types
+
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    return any(kind != "default" for kind in rope_types(rope))
 
 
 @dataclass
@@ -331,7 +338,7 @@ def format_estimate(est: MemoryEstimate, shape: ModelShape, gpu_memory_gib: floa
         "",
         "per rank                   GiB",
     ]
-    if shape.max_positions and s["seq_len"] > shape.max_positions and not shape.rope_scaled:
+    if shape.past_positions(s["seq_len"]):
         lines.insert(2, f"note: seq_len {s['seq_len']} exceeds the model's max_position_embeddings "
                         f"({shape.max_positions}); the estimate counts memory only")
     for name, value in est.parts().items():
@@ -346,7 +353,7 @@ def format_estimate(est: MemoryEstimate, shape: ModelShape, gpu_memory_gib: floa
         if longest:
             lines.append(f"longest sequence that fits with cp_size={s['cp_size']}: {longest} tokens "
                          f"({longest // s['cp_size']} per rank)")
-            if shape.max_positions and longest > shape.max_positions and not shape.rope_scaled:
+            if shape.past_positions(longest):
                 lines.append(f"  (memory only: the model's max_position_embeddings is {shape.max_positions}; "
                              f"beyond it its positions are untrained unless you extend its rotary scaling)")
         elif longest is not None:

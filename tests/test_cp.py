@@ -160,6 +160,9 @@ def test_plugin_options_changed_before_setup_take_effect_and_after_it_are_refuse
 def test_callback_options_are_read_only():
     from hf_ring_attention.trainer import RingAttentionCallback
 
+    from hf_ring_attention.cp import OPTIONS
+
+    assert all(isinstance(getattr(RingAttentionCallback, name, None), property) for name in OPTIONS)
     ring = RingAttentionCallback(cp_size=2, layout="striped", chunked_loss=128)
     assert (ring.cp_size, ring.layout, ring.chunked_loss, ring.check_batches) == (2, "striped", 128, True)
     with pytest.raises(AttributeError, match=r"pass RingAttentionCallback\(layout='zigzag', ...\) instead"):
