@@ -18,6 +18,7 @@ import statistics
 import sys
 import tempfile
 import time
+import types
 from datetime import timedelta
 from typing import Callable, Sequence
 
@@ -176,6 +177,14 @@ def packed_lengths(total: int, multiple: int, seed: int = 0) -> list[int]:
         lengths.append(n * multiple)
         units -= n
     return lengths
+
+
+def gathering(kernel):
+    """``kernel`` without its ``empty_sequences`` declaration: the ring then gathers the rows of
+    every call that are not one range, instead of reading ranges with the gaps as empty sequences
+    (``RingPlan.device_calls``). For timing and checking the two forms side by side."""
+    return types.SimpleNamespace(name=kernel.name, check=kernel.check, forward=kernel.forward,
+                                 backward=kernel.backward, empty_sequences=False)
 
 
 def cu_seqlens(lengths: Sequence[int], device=None) -> torch.Tensor:

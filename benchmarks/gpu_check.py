@@ -7,15 +7,18 @@ session that has one:
    window (-1, 2), with the ``max_seqlen_k`` the plan reports; the same call with the true
    ``max(Lk)`` is recorded too, as information: flash-attn 2 class kernels get it wrong, which is
    why the plan never does it), and GQA with one query per sequence (where flash-attn 2 swaps the
-   head groups into the sequence dimension).
+   head groups into the sequence dimension), and calls with empty sequences (no queries, or no
+   keys: the gaps that spare the ring its gathers).
 2. ``ring``: the in-process ring in bf16 against float64 attention on the whole sequence, for
    every layout, with packed and padded documents (tiny ones included), causal, sliding and
-   non-causal windows, per backend.
+   non-causal windows, per backend, in both forms of a call: one range per side with the gaps as
+   empty sequences (what the built-in backends get), and gathered rows.
 3. ``syncs``: host synchronisations (``torch.cuda.set_sync_debug_mode``) of a warm ring step,
    forward and backward (target 0).
 4. ``plan``: host time to plan a packed batch (512 documents, 64K tokens, P = 8).
 5. ``kernel_efficiency``: ``kernel_efficiency.py`` at P = 8, 8K tokens per rank, zigzag and
-   contiguous, one sequence and packed documents, bf16, 32 query / 8 key-value heads, head_dim 128.
+   contiguous, one sequence and packed documents, bf16, 32 query / 8 key-value heads, head_dim 128;
+   packed documents in both forms of a call, side by side.
 
 Each section records its own failure (with the traceback) and the next one runs. Everything goes
 to ``DIR/gpu_check.json`` and a one-screen ``DIR/summary.txt`` (also printed).
@@ -37,9 +40,9 @@ import warnings
 
 import torch
 
-from common import machine_info, write_json
+from common import gathering, machine_info, write_json
 from hf_ring_attention import LAYOUTS, InProcessRing, pad_for_layout
-from hf_ring_attention.kernels import BACKENDS, Varlen, get_kernel, resolve_scale
+from hf_ring_attention.kernels import BACKENDS, Varlen, get_kernel, resolve_scale, takes_empty_sequences
 
 TOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-5}  # as tests/helpers.py
 LSE_TOL = 1e-2  # lse is computed in float32 from the rounded inputs: a small relative error
@@ -82,13 +85,15 @@ def band_attention(q, k, v, lqs, lks, window, scale):
             seen &= rel >= -window[0]
         if window[1] >= 0:
             seen &= rel <= window[1]
-        assert seen.any(1).all(), "every query row of a checked case must see a key"
+        assert lk == 0 or seen.any(1).all(), "every query row of a sequence with keys must see one"
         kk = k[k0:k0 + lk].repeat_interleave(groups, 1)
         vv = v[k0:k0 + lk].repeat_interleave(groups, 1)
         s = torch.einsum("qhd,khd->hqk", q[q0:q0 + lq], kk) * scale
         s = s.masked_fill(~seen, -math.inf)
-        lses.append(torch.logsumexp(s, -1))
-        outs.append(torch.einsum("hqk,khd->qhd", torch.softmax(s, -1), vv))
+        lse = torch.logsumexp(s, -1)  # -inf for the rows of a sequence without keys
+        lses.append(lse)
+        p = torch.exp(s - lse.masked_fill(lse == -math.inf, 0)[..., None])  # 0 there: out 0, no gradient
+        outs.append(torch.einsum("hqk,khd->qhd", p, vv))
         q0, k0 = q0 + lq, k0 + lk
     return torch.cat(outs), torch.cat(lses, 1)
 
@@ -174,6 +179,14 @@ def backend_cases(sizes: dict) -> list[dict]:
         dict(name="GQA, one query per sequence, causal", lqs=[1] * 48, lks=one_query_keys, window=(-1, 0), heads=h),
         dict(name="MQA, one query per sequence", lqs=[1] * 48, lks=one_query_keys, window=(-1, -1),
              heads=(sizes["heads"], 1)),
+        # what the ring sends kernels with empty_sequences = True: the gaps of a call as sequences
+        # without keys (lse +-inf, dq 0) or without queries (dk = dv = 0)
+        dict(name="empty sequences, causal", lqs=[0, 70, 33, 0, 20, 1], lks=[40, 90, 0, 25, 20, 0], window=(-1, 0),
+             heads=h, empty=True),
+        dict(name="empty sequences, band (9, 3)", lqs=[50, 0, 64, 17], lks=[0, 30, 64, 40], window=(9, 3), heads=h,
+             empty=True),
+        dict(name="empty sequences, GQA, at most 1 query", lqs=[1, 0, 1, 1, 0], lks=one_query_keys[:3] + [0, 7],
+             window=(-1, -1), heads=h, empty=True),
     ]
 
 
@@ -183,18 +196,22 @@ def check_backend_case(kernel, case: dict, device, dtype, head_dim: int, gen, ma
     make = lambda n, h: torch.randn(n, h, head_dim, generator=gen, device=device).to(dtype)
     q, k, v, dout = make(sum(lqs), hq), make(sum(lks), hkv), make(sum(lks), hkv), make(sum(lqs), hq)
     cu = lambda ls: torch.tensor([0] + torch.tensor(ls).cumsum(0).tolist(), dtype=torch.int32, device=device)
-    reported = max(max(lqs), max(lks))  # what the plan reports: max_seqlen_k >= max_seqlen_q
-    call = Varlen(cu(lqs), cu(lks), max(lqs), reported if max_seqlen_k is None else max_seqlen_k, window)
+    max_q = max(max(lqs), 2) if case.get("empty") else max(lqs)  # as the plan reports it (plan.py)
+    reported = max(max_q, max(lks))  # what the plan reports: max_seqlen_k >= max_seqlen_q
+    call = Varlen(cu(lqs), cu(lks), max_q, reported if max_seqlen_k is None else max_seqlen_k, window)
     scale = resolve_scale(None, head_dim)
     out, lse = kernel.forward(q, k, v, call, scale)
     dq, dk, dv = kernel.backward(dout, q, k, v, out, lse, call, scale)
     qd, kd, vd = (t.double().requires_grad_() for t in (q, k, v))
     ref_out, ref_lse = band_attention(qd, kd, vd, lqs, lks, window, scale)
     ref_grads = torch.autograd.grad(ref_out, (qd, kd, vd), dout.double())
-    errors = {"out": rel_err(out, ref_out), "lse": rel_err(lse, ref_lse)}
+    # rows without keys: lse +-inf, output not read (the merge ignores both); their dq must be 0
+    keyless = ref_lse.isinf()
+    rows = ~keyless.all(0)
+    errors = {"out": rel_err(out[rows], ref_out[rows]), "lse": rel_err(lse[~keyless], ref_lse[~keyless])}
     errors.update({f"d{n}": rel_err(g, r) for n, g, r in zip("qkv", (dq, dk, dv), ref_grads)})
     ok = all(e <= (LSE_TOL if n == "lse" else TOL[dtype]) for n, e in errors.items()) and all(
-        t.isfinite().all() for t in (out, lse, dq, dk, dv))
+        t.isfinite().all() for t in (out[rows], lse[~keyless], dq, dk, dv)) and bool(lse[keyless].isinf().all())
     return {"case": case["name"], "ok": bool(ok), "errors": errors, "max_seqlen_k": call.max_seqlen_k}
 
 
@@ -234,7 +251,7 @@ def ring_cases(sizes: dict, gen: torch.Generator) -> list[dict]:
     return cases
 
 
-def check_ring_case(case: dict, backend: str, device, dtype, sizes, gen) -> dict:
+def check_ring_case(case: dict, backend, device, dtype, sizes, gen) -> dict:
     P, layout = case["world_size"], case["layout"]
     hq, hkv, d = sizes["ring_heads"], sizes["ring_kv_heads"], sizes["ring_head_dim"]
     lengths = case["lengths"]
@@ -257,6 +274,8 @@ def check_ring_case(case: dict, backend: str, device, dtype, sizes, gen) -> dict
         errors[f"d{name}"] = rel_err(ring.unshard([p.grad for p in parts]), full.grad)
     ok = all(e <= TOL[dtype] for e in errors.values())
     label = f"{layout} P={P} {'causal' if case['causal'] else 'full'} window={case['window']}"
+    if not takes_empty_sequences(backend):
+        label += ", gathered"
     return {"case": label, "ok": bool(ok), "errors": errors, "tokens": total, "documents": len(lengths)}
 
 
@@ -268,12 +287,15 @@ def section_ring(device, dtype, sizes, seed) -> dict:
     for backend in usable:
         tgen = torch.Generator(device).manual_seed(seed)
         rows = []
+        kernel = get_kernel(backend, device, dtype, sizes["ring_head_dim"])
         for case in cases:
-            try:
-                rows.append(check_ring_case(case, backend, device, dtype, sizes, tgen))
-            except Exception as error:
-                rows.append({"case": f"{case['layout']} P={case['world_size']}", "ok": False,
-                             "error": f"{type(error).__name__}: {error}"})
+            # both forms of a call (plan.py, RingPlan.device_calls): ranges with empty sequences, gathered rows
+            for form in (kernel, gathering(kernel)):
+                try:
+                    rows.append(check_ring_case(case, form, device, dtype, sizes, tgen))
+                except Exception as error:
+                    rows.append({"case": f"{case['layout']} P={case['world_size']}", "ok": False,
+                                 "error": f"{type(error).__name__}: {error}"})
         results[backend] = rows
     return {"dtype": str(dtype), "usable": usable, "unavailable": reasons, "results": results}
 
@@ -363,12 +385,12 @@ def section_kernel_efficiency(device, dtype, sizes, seed, out_dir) -> dict:
     if device.type == "cuda":
         argv = ["--device", "cuda", "--world-sizes", "8", "--tokens-per-rank", "8K", "--layouts", "zigzag,contiguous",
                 "--dtype", "bfloat16", "--heads", "32", "--kv-heads", "8", "--head-dim", "128", "--repeats", "3",
-                "--warmup", "1", "--out", path]
+                "--warmup", "1", "--forms", "ranges,gathered", "--out", path]
     else:
         argv = ["--device", "cpu", "--world-sizes", "2", "--tokens-per-rank", "64", "--layouts", "zigzag,contiguous",
-                "--repeats", "1", "--warmup", "0", "--out", path]
+                "--repeats", "1", "--warmup", "0", "--forms", "ranges,gathered", "--out", path]
     payload = kernel_efficiency.main(argv)
-    rows = [{k: r[k] for k in ("layout", "packed", "world_size", "tokens_per_rank", "efficiency_fwd",
+    rows = [{k: r[k] for k in ("layout", "packed", "form", "world_size", "tokens_per_rank", "efficiency_fwd",
                                "efficiency_fwd_bwd", "balance_fwd", "balance_fwd_bwd", "kernel_calls")}
             for r in payload["results"]]
     refs = [{k: r[k] for k in ("packed", "total_tokens", "num_docs", "tflops_fwd", "tflops_fwd_bwd")}
@@ -433,7 +455,8 @@ def summary(report: dict) -> str:
             lines.append(f"kernel_efficiency ({sec['backend']}; targets: zigzag fwd+bwd >= 0.95, packed >= 0.90, "
                          f"balance <= 1.02)")
             for r in sec["rows"]:
-                lines.append(f"  {r['layout']:>10} {'packed' if r['packed'] else 'one seq':>7} P={r['world_size']} "
+                lines.append(f"  {r['layout']:>10} {'packed' if r['packed'] else 'one seq':>7} {r['form']:>8} "
+                             f"P={r['world_size']} "
                              f"{r['tokens_per_rank']}/rank: eff fwd {r['efficiency_fwd']:.3f} fwd+bwd "
                              f"{r['efficiency_fwd_bwd']:.3f}, balance fwd+bwd {r['balance_fwd_bwd']:.3f}")
             for r in sec["reference"]:

@@ -9,6 +9,9 @@ rank's forward and forward+backward, and reports
   1.0 means splitting the work into ring steps and merging costs nothing;
 * balance = slowest rank / mean rank (1.0 = every rank has the same work).
 
+With packed documents a call's rows are often not one range; ``--forms ranges,gathered`` times
+both ways of reading them side by side (``RingPlan.device_calls``).
+
 A reference row per sequence gives the single-call time and its TFLOP/s (4 L^2 H D per document,
 halved for causal; forward+backward counted as 3.5 x forward).
 
@@ -19,17 +22,18 @@ halved for causal; forward+backward counted as 3.5 x forward).
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 
 import torch
 
 from common import (
-    attention_flops, balance, cu_seqlens, default_device, machine_info, packed_lengths,
+    attention_flops, balance, cu_seqlens, default_device, gathering, machine_info, packed_lengths,
     parse_dtype, parse_names, parse_sizes, print_machine, print_table, size_label, time_call,
     write_json,
 )
 from hf_ring_attention import LAYOUTS, InProcessRing
-from hf_ring_attention.kernels import Varlen, get_kernel, resolve_scale
+from hf_ring_attention.kernels import Varlen, get_kernel, resolve_scale, takes_empty_sequences
 
 # Full-size sweep (CUDA) and the tiny one used automatically with --device cpu.
 GPU_DEFAULTS = dict(dtype="bfloat16", heads=32, kv_heads=8, head_dim=128, world_sizes="2,4,8",
@@ -37,6 +41,7 @@ GPU_DEFAULTS = dict(dtype="bfloat16", heads=32, kv_heads=8, head_dim=128, world_
 CPU_DEFAULTS = dict(dtype="float32", heads=4, kv_heads=2, head_dim=32, world_sizes="2,4",
                     tokens_per_rank="64,128,256", repeats=10, warmup=2)
 FWD_BWD_FLOPS = 3.5  # forward+backward FLOPs per forward FLOP (DESIGN.md convention)
+FORMS = ("ranges", "gathered")  # how a call reads its rows (RingPlan.device_calls)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{CPU_DEFAULTS['tokens_per_rank']} on CPU)")
     p.add_argument("--packed", action=argparse.BooleanOptionalAction, default=None,
                    help="--packed: packed documents only; --no-packed: one sequence only (default: both)")
+    p.add_argument("--forms", type=parse_names, default=["ranges"],
+                   help="how calls read rows that are not one range (packed documents), comma-separated: "
+                        "'ranges' (one range per side, gaps as empty sequences; what the built-in backends get) "
+                        "and/or 'gathered' (rows gathered through an index) (default: ranges)")
     p.add_argument("--dtype", type=parse_dtype, default=None, help="default bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--heads", type=int, default=None, help="query heads (default 32 on CUDA, 4 on CPU)")
     p.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default 8 on CUDA, 2 on CPU)")
@@ -75,6 +84,9 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, parse_sizes(value) if key in ("world_sizes", "tokens_per_rank")
                     else parse_dtype(value) if key == "dtype" else value)
+    bad_forms = [name for name in args.forms if name not in FORMS]
+    if bad_forms:
+        raise SystemExit(f"--forms: unknown {bad_forms}; choose from {list(FORMS)}")
     bad = [name for name in args.layouts if name not in LAYOUTS]
     if bad:
         raise SystemExit(f"--layouts: unknown {bad}; choose from {list(LAYOUTS)}")
@@ -121,12 +133,15 @@ def time_full(lengths: list[int], kernel, args) -> dict:
             "tflops_fwd_bwd": FWD_BWD_FLOPS * flops / fb / 1e12}
 
 
-def time_ranks(layout: str, lengths: list[int], P: int, kernel, args) -> dict:
-    """Forward and forward+backward time of every rank's share of the ring, one rank at a time."""
+def time_ranks(layout: str, lengths: list[int], P: int, kernel, args, form: str = "ranges") -> dict:
+    """Forward and forward+backward time of every rank's share of the ring, one rank at a time,
+    its calls reading their rows in ``form``."""
     total = sum(lengths)
     ring = InProcessRing(cu_seqlens(lengths), world_size=P, layout=layout)
+    if form == "gathered":
+        kernel = gathering(kernel)
     for plan in ring.plans:
-        plan.upload(args.device)
+        plan.upload(args.device, empty_sequences=takes_empty_sequences(kernel))
     q, k, v, dout = random_qkv(total, args, torch.Generator(args.device).manual_seed(args.seed))
     qs, douts = ring.shard(q), ring.shard(dout)
     kvs = [torch.stack([a, b]) for a, b in zip(ring.shard(k), ring.shard(v))]  # K/V as the ring holds them
@@ -169,18 +184,19 @@ def main(argv=None) -> dict:
                           f"fwd {ref['fwd_s'] * 1e3:.2f} ms ({ref['tflops_fwd']:.3g} TFLOP/s), "
                           f"fwd+bwd {ref['fwd_bwd_s'] * 1e3:.2f} ms ({ref['tflops_fwd_bwd']:.3g} TFLOP/s)", flush=True)
                 ref = references[packed, total]
-                for layout in args.layouts:
-                    timing = time_ranks(layout, lengths, P, kernel, args)
+                # one sequence: every call reads one range in either form, so one form is enough
+                for layout, form in itertools.product(args.layouts, args.forms if packed else args.forms[:1]):
+                    timing = time_ranks(layout, lengths, P, kernel, args, form)
                     row = dict(
-                        layout=layout, packed=packed, world_size=P, tokens_per_rank=t, total_tokens=total,
-                        num_docs=len(lengths),
+                        layout=layout, packed=packed, form=form, world_size=P, tokens_per_rank=t,
+                        total_tokens=total, num_docs=len(lengths),
                         efficiency_fwd=ref["fwd_s"] / sum(timing["fwd_s"]),
                         efficiency_fwd_bwd=ref["fwd_bwd_s"] / sum(timing["fwd_bwd_s"]),
                         balance_fwd=balance(timing["fwd_s"]), balance_fwd_bwd=balance(timing["fwd_bwd_s"]),
                         **timing,
                     )
                     rows.append(row)
-                    print(f"{layout:>10} {'packed' if packed else 'one seq':>7} P={P} {size_label(t):>5}/rank: "
+                    print(f"{layout:>10} {'packed' if packed else 'one seq':>7} {form:>8} P={P} {size_label(t):>5}/rank: "
                           f"efficiency fwd {row['efficiency_fwd']:.3f} fwd+bwd {row['efficiency_fwd_bwd']:.3f}, "
                           f"balance fwd {row['balance_fwd']:.3f} fwd+bwd {row['balance_fwd_bwd']:.3f}", flush=True)
     reference_rows = list(references.values())
@@ -193,7 +209,7 @@ def main(argv=None) -> dict:
 
     print()
     print_machine(machine)
-    print_table(rows, [("layout", "layout", ""), ("docs", "docs", ""), ("world_size", "P", ""),
+    print_table(rows, [("layout", "layout", ""), ("docs", "docs", ""), ("form", "rows", ""), ("world_size", "P", ""),
                        ("tokens_per_rank", "tokens/rank", ""), ("efficiency_fwd", "eff fwd", ".3f"),
                        ("efficiency_fwd_bwd", "eff fwd+bwd", ".3f"), ("balance_fwd", "bal fwd", ".3f"),
                        ("balance_fwd_bwd", "bal fwd+bwd", ".3f"), ("slowest_fwd_bwd_ms", "slowest rank fwd+bwd ms", ".2f")])

@@ -114,16 +114,26 @@ def time_plans(bounds, used, layout, P, window, repeats, device, max_ranks=None)
 
 
 def _gathered_rows(plans) -> dict:
-    """Share of the query and key rows of every call that are gathered rather than sliced."""
-    total = {"q": 0, "k": 0}
-    gathered = {"q": 0, "k": 0}
-    for plan in plans:
-        for step in plan.device_calls("cpu"):
-            for call in step:
-                for side, rows in (("q", call.q_rows), ("k", call.k_rows)):
-                    total[side] += len(rows)
-                    gathered[side] += len(rows) if rows.index is not None else 0
-    return {f"{side}_rows_gathered": gathered[side] / max(total[side], 1) for side in ("q", "k")}
+    """Share of the query and key rows of every call that are gathered rather than read as one
+    range, in each form of the calls (``RingPlan.device_calls``): with the gaps as empty sequences
+    (what the built-in backends get) and without; and how many more sequences the first form
+    gives the kernels."""
+    row = {}
+    sequences = {}
+    for empty_sequences, suffix in ((True, ""), (False, "_without_empty_sequences")):
+        total = {"q": 0, "k": 0}
+        gathered = {"q": 0, "k": 0}
+        sequences[empty_sequences] = 0
+        for plan in plans:
+            for step in plan.device_calls("cpu", empty_sequences=empty_sequences):
+                for call in step:
+                    sequences[empty_sequences] += len(call.varlen.cu_seqlens_q) - 1
+                    for side, rows in (("q", call.q_rows), ("k", call.k_rows)):
+                        total[side] += len(rows)
+                        gathered[side] += len(rows) if rows.index is not None else 0
+        row.update({f"{side}_rows_gathered{suffix}": gathered[side] / max(total[side], 1) for side in ("q", "k")})
+    row["sequences_ratio"] = sequences[True] / max(sequences[False], 1)
+    return row
 
 
 def main(argv=None) -> dict:
@@ -159,7 +169,10 @@ def main(argv=None) -> dict:
                     print(f"{layout:>10} window={str(window):>5} P={P:>2} docs={docs:>4}: slowest rank "
                           f"{row['plan_ms_max']:.1f} ms (mean {row['plan_ms_mean']:.1f}, CPU {row['plan_cpu_ms_max']:.1f}), "
                           f"{row['num_steps']} steps, <= {row['calls_per_step_max']} calls per step, "
-                          f"rows gathered q {row['q_rows_gathered']:.0%} k {row['k_rows_gathered']:.0%}", flush=True)
+                          f"rows gathered q {row['q_rows_gathered']:.0%} k {row['k_rows_gathered']:.0%} "
+                          f"(without empty sequences q {row['q_rows_gathered_without_empty_sequences']:.0%} "
+                          f"k {row['k_rows_gathered_without_empty_sequences']:.0%}), "
+                          f"{row['sequences_ratio']:.2f}x sequences", flush=True)
     print()
     print_machine(machine)
     print_table(rows, [("layout", "layout", ""), ("window", "window", ""), ("world_size", "P", ""),
@@ -168,7 +181,10 @@ def main(argv=None) -> dict:
                        ("num_steps", "steps", ""),
                        ("calls_per_step_max", "calls/step", ""), ("segments_max", "segments/step", ""),
                        ("upload_ms", "upload ms", ".2f"), ("q_rows_gathered", "q gathered", ".0%"),
-                       ("k_rows_gathered", "k gathered", ".0%")])
+                       ("k_rows_gathered", "k gathered", ".0%"),
+                       ("q_rows_gathered_without_empty_sequences", "q gathered (no empty seq.)", ".0%"),
+                       ("k_rows_gathered_without_empty_sequences", "k gathered (no empty seq.)", ".0%"),
+                       ("sequences_ratio", "sequences x", ".2f")])
     payload = {"benchmark": "plan", "machine": machine, "settings": vars(args), "target_ms": TARGET_MS,
                "results": rows}
     write_json(args.out, payload)

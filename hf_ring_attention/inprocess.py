@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .kernels import Kernel, accumulate_dtype, get_kernel, resolve_scale, resolve_softcap
+from .kernels import Kernel, accumulate_dtype, get_kernel, resolve_scale, resolve_softcap, takes_empty_sequences
 from .layout import local_indices
 from .merge import prepare
 from .plan import RingPlan
@@ -59,7 +59,7 @@ class InProcessRing:
         r's ``[2, T, Hkv, D]`` buffer, K then V) directly; with ``sinks``, merged with them."""
         q, P = qs[rank], self.world_size
         out, lse = new_result(q)
-        calls = self.plans[rank].device_calls(q.device)
+        calls = self.plans[rank].device_calls(q.device, empty_sequences=takes_empty_sequences(kernel))
         for step in range(self.num_steps):
             forward_step(q, kvs[(rank - step) % P], calls[step], out, lse, kernel, softmax_scale, softcap)
         if sinks is not None:
@@ -71,7 +71,7 @@ class InProcessRing:
         """Rank ``rank``'s dq; its dK/dV contributions are added to ``dkvs[src]``."""
         q, P = qs[rank], self.world_size
         dq = torch.zeros(q.shape, dtype=accumulate_dtype(q.dtype), device=q.device)
-        calls = self.plans[rank].device_calls(q.device)
+        calls = self.plans[rank].device_calls(q.device, empty_sequences=takes_empty_sequences(kernel))
         for step in range(self.num_steps):
             src = (rank - step) % P
             grads = backward_step(douts[rank], q, kvs[src], outs[rank], lses[rank], calls[step], dq,

@@ -10,7 +10,9 @@ rows ``rows`` of the running result (:class:`hf_ring_attention.plan.Rows`: a ran
             out = (exp(a - m) * out_a + exp(b - m) * out_b) / s
 
 A row whose running lse is still -inf (no key seen yet) takes the block as it is; a row that
-sees no key in either (both -inf) is left unchanged (out 0, lse -inf), never NaN.
+sees no key in either (both -inf) is left unchanged (out 0, lse -inf), never NaN. A block row
+that saw no key adds nothing whatever the kernel wrote there: its lse may be -inf or +inf
+(flash-attn 2 writes +inf), and its output is not read.
 
 Two implementations with one interface: on CUDA a Triton kernel that reads the rows of (out, lse)
 through the index and the block once, and writes once (about 16 bytes per element instead of the
@@ -78,6 +80,8 @@ def self_test(device: torch.device, head_dim: int = 24, dtype: torch.dtype = tor
     block_out = torch.randn(4, 2, head_dim, generator=gen).to(dtype)
     block_lse = torch.randn(2, 4, generator=gen)
     block_lse[1, 0] = NEG_INF
+    block_lse[0, 1] = float("inf")  # rows without keys, as flash-attn 2 returns them
+    block_out[1, 0] = float("nan")
     index = torch.tensor([0, 2, 5, 8], dtype=torch.int32)
     try:
         for rows in (Rows(0, 9, index.to(device)), Rows(3, 7)):
@@ -103,11 +107,12 @@ def _merge_torch(out, lse, rows, block_out, block_lse) -> None:
     else:
         old_out, old_lse = out.index_select(0, rows.index), lse.index_select(1, rows.index)
     block_lse = block_lse.to(lse.dtype)
+    block_lse = block_lse.masked_fill(block_lse == float("inf"), NEG_INF)  # a row without keys
     new_lse = torch.logaddexp(old_lse, block_lse)
     safe = new_lse.masked_fill(new_lse == NEG_INF, 0.0)
     w_old = torch.exp(old_lse - safe).transpose(0, 1).unsqueeze(-1)
     w_new = torch.exp(block_lse - safe).transpose(0, 1).unsqueeze(-1)
-    new_out = old_out * w_old + block_out.to(out.dtype) * w_new
+    new_out = old_out * w_old + torch.where(w_new > 0, block_out.to(out.dtype) * w_new, 0.0)
     if rows.index is None:
         old_out.copy_(new_out)
         old_lse.copy_(new_lse)
@@ -140,6 +145,7 @@ def _triton():
             row = (row0 + i).to(tl.int64)
         a = tl.load(lse_ptr + head * s_lse_h + row, mask=live, other=float("-inf"))
         b = tl.load(blse_ptr + head * s_blse_h + i, mask=live, other=float("-inf")).to(tl.float32)
+        b = tl.where(b == float("inf"), float("-inf"), b)  # a row without keys
         m = tl.maximum(a, b)
         m = tl.where(m == float("-inf"), 0.0, m)
         wa = tl.exp(a - m)
@@ -153,7 +159,8 @@ def _triton():
         o = tl.load(out_ptrs, mask=tile, other=0.0)
         bo = tl.load(bout_ptrs, mask=tile, other=0.0).to(tl.float32)
         scale = tl.where(seen, 1.0 / tl.where(seen, s, 1.0), 0.0)
-        tl.store(out_ptrs, (o * wa[:, None] + bo * wb[:, None]) * scale[:, None], mask=tile & seen[:, None])
+        block = tl.where(wb[:, None] > 0.0, bo * wb[:, None], 0.0)  # never reads a keyless row's output
+        tl.store(out_ptrs, (o * wa[:, None] + block) * scale[:, None], mask=tile & seen[:, None])
         new = tl.where(seen, m + tl.log(tl.where(seen, s, 1.0)), float("-inf"))
         tl.store(lse_ptr + head * s_lse_h + row, new, mask=live)
 

@@ -21,6 +21,21 @@ Rectangles that share a window become one varlen kernel call. The plan is intege
 per batch on the host, vectorised over documents and steps (a few hundred tensor operations per
 rank, whatever the number of documents), and reused by every layer and by the backward pass.
 
+With packed documents a call's rows are rarely one range: layout padding ends every document,
+causal crops cut pieces short, and zigzag interleaves two pieces per document. Rather than gather
+them, a call reads one range of query rows and one of key rows, and every gap between two of its
+sequences becomes a sequence of its own without keys (query rows of other documents, padding) or
+without queries (key rows it must not see)::
+
+    query rows   a a a . . b b       sequences (q rows, k rows):   (3, 2)  document a
+    key rows     a a . b b b                                       (2, 0)  the query gap
+                                                                   (0, 1)  the key gap
+    (".": rows of the gaps)                                        (2, 3)  document b
+
+Empty sequences cost a kernel next to nothing and add nothing to any result (``contract.py``);
+kernels that do not declare that they take them get gathered rows instead
+(:meth:`RingPlan.device_calls`).
+
 flash-attn 2 (the package, and PyTorch's copy of it) rewrites windows against ``max_seqlen_k``:
 a side >= ``max_seqlen_k`` becomes unbounded, and an unbounded side next to a bounded one becomes
 ``max_seqlen_k``. A cropped rectangle keeps a bounded right side only if it binds, i.e. right <
@@ -454,7 +469,7 @@ class RingPlan:
         self.causal, self.window_size = causal, window_size
         self.steps = plan_rank(self.bounds, self.seqused, layout, world_size, rank, causal, window_size)
         self.num_steps = count_steps(self.bounds, self.seqused, layout, world_size, causal, window_size)
-        self._on_device: dict[torch.device, list[list[DeviceCall]]] = {}
+        self._on_device: dict[tuple[torch.device, bool], list[list[DeviceCall]]] = {}
         self.agreed = False  # the ranks compared their plans and inputs (ring.py, first use)
         self.batch_facts: list[int] | None = None  # RingBatch.plan: the batch the ranks compare too
         self._host_buffers: list[torch.Tensor] = []  # pinned sources of copies that may be in flight
@@ -479,8 +494,8 @@ class RingPlan:
             )
         return used
 
-    def upload(self, device, *, non_blocking: bool = True) -> "RingPlan":
-        """Put the row indices and ``cu_seqlens`` of every call on ``device`` (once per device).
+    def upload(self, device, *, non_blocking: bool = True, empty_sequences: bool = True) -> "RingPlan":
+        """Put the row indices and ``cu_seqlens`` of every call on ``device`` (once per device and form).
 
         Everything travels as one int32 tensor, from pinned memory when ``device`` is a CUDA
         device, with one ``copy(non_blocking=...)``: on CUDA the copy runs on the current stream
@@ -490,14 +505,14 @@ class RingPlan:
         Args:
             device (`torch.device`): the compute device.
             non_blocking (`bool`): asynchronous copy (default True).
+            empty_sequences (`bool`): the form of the calls (see :meth:`device_calls`); the
+                default is the one every built-in backend runs.
 
         Returns:
             `RingPlan`: ``self``, for chaining.
         """
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        if device in self._on_device:
+        device = _device(device)
+        if (device, empty_sequences) in self._on_device:
             return self
         chunks: list[torch.Tensor] = []
         size = 0
@@ -509,16 +524,26 @@ class RingPlan:
             size += len(values)
             return size - len(values), size
 
-        def rows(start: torch.Tensor, stop: torch.Tensor):
-            if bool((start[1:] == stop[:-1]).all()):
-                return int(start[0]), int(stop[-1]), None
-            return int(start.min()), int(stop.max()), put(_ranges(start, stop))
+        def spec(call: Call):
+            """Where the call's rows and boundaries will be in the buffer, and its max lengths."""
+            max_q, max_k = call.max_seqlen_q, call.max_seqlen_k
+            q_rows, k_rows = _rows(call.q0, call.q1), _rows(call.k0, call.k1)
+            lengths = (call.q1 - call.q0, call.k1 - call.k0)
+            if empty_sequences and (q_rows is None or k_rows is None):
+                gaps = _with_gaps(call)
+                if gaps is not None:
+                    lengths = gaps
+                    q_rows = int(call.q0[0]), int(call.q1[-1])
+                    k_rows = int(call.k0[0]), int(call.k1[-1])
+                    # >= 2: flash-attn 2 reads max_seqlen_q == 1 as one query in every sequence
+                    max_q = max(int(gaps[0].max()), 2)
+                    max_k = max(int(gaps[1].max()), max_q)
+            q_index = None if q_rows is not None else put(_ranges(call.q0, call.q1))
+            k_index = None if k_rows is not None else put(_ranges(call.k0, call.k1))
+            return (call.window, max_q, max_k, put(_cumsum(lengths[0])), put(_cumsum(lengths[1])),
+                    (q_rows, q_index, call.q0, call.q1), (k_rows, k_index, call.k0, call.k1))
 
-        specs = [
-            [(call, put(_cumsum(call.q1 - call.q0)), put(_cumsum(call.k1 - call.k0)),
-              rows(call.q0, call.q1), rows(call.k0, call.k1)) for call in calls]
-            for calls in self.steps[: self.num_steps]
-        ]
+        specs = [[spec(call) for call in calls] for calls in self.steps[: self.num_steps]]
         pin = device.type == "cuda" and torch.cuda.is_available()
         host = torch.empty(size, dtype=torch.int32, pin_memory=pin)
         if chunks:
@@ -530,26 +555,70 @@ class RingPlan:
         def on_device(span) -> torch.Tensor:
             return buffer[span[0]:span[1]]
 
-        def as_rows(spec) -> Rows:
-            start, stop, index = spec
-            return Rows(start, stop, None if index is None else on_device(index))
+        def as_rows(rows_spec) -> Rows:
+            span, index, start, stop = rows_spec
+            if span is not None:
+                return Rows(*span)
+            return Rows(int(start.min()), int(stop.max()), on_device(index))
 
-        self._on_device[device] = [
+        self._on_device[device, empty_sequences] = [
             [DeviceCall(as_rows(q_rows), as_rows(k_rows),
-                        Varlen(on_device(cu_q), on_device(cu_k), call.max_seqlen_q, call.max_seqlen_k, call.window))
-             for call, cu_q, cu_k, q_rows, k_rows in step]
+                        Varlen(on_device(cu_q), on_device(cu_k), max_q, max_k, window))
+             for window, max_q, max_k, cu_q, cu_k, q_rows, k_rows in step]
             for step in specs
         ]
         return self
 
-    def device_calls(self, device) -> list[list[DeviceCall]]:
-        """The calls of the first ``num_steps`` steps, ready to run on ``device``
-        (uploaded on first use; see :meth:`upload`)."""
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        self.upload(device)
-        return self._on_device[device]
+    def device_calls(self, device, *, empty_sequences: bool = True) -> list[list[DeviceCall]]:
+        """The calls of the first ``num_steps`` steps, ready to run on ``device`` (uploaded on
+        first use; see :meth:`upload`).
+
+        A call whose query or key rows are not one range of the buffer (packed documents, layout
+        padding, cropped rectangles) reads them in one of two forms:
+
+        * ``empty_sequences=True`` (for kernels with ``empty_sequences = True``, every built-in
+          backend): the call reads one range on each side, a view, and every gap between its
+          sequences becomes a sequence of its own, with no keys (a gap of query rows) or no
+          queries (a gap of key rows). Such sequences add nothing to any result: their rows come
+          back with lse +-inf (ignored by the merge) and zero gradients. Calls whose key rows do
+          not follow the order of their query rows keep the other form.
+        * ``empty_sequences=False``: the rows are gathered through an index (and the results
+          scattered back), and every sequence has queries and keys.
+        """
+        device = _device(device)
+        self.upload(device, empty_sequences=empty_sequences)
+        return self._on_device[device, empty_sequences]
+
+
+def _device(device) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _rows(start: torch.Tensor, stop: torch.Tensor) -> tuple[int, int] | None:
+    """``(first, stop)`` when the ranges ``[start[i], stop[i])`` follow each other, else None."""
+    if bool((start[1:] == stop[:-1]).all()):
+        return int(start[0]), int(stop[-1])
+    return None
+
+
+def _with_gaps(call: Call) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The query and key lengths of the call's sequences once every gap between consecutive
+    sequences (query rows, key rows, or both) is a sequence of its own: a gap of query rows
+    without keys, then a gap of key rows without queries, then the sequence itself. None when the
+    key ranges do not follow each other in query order (overlapping or going back)."""
+    q0, q1, k0, k1 = call.q0, call.q1, call.k0, call.k1
+    if bool((q0[1:] < q1[:-1]).any() or (k0[1:] < k1[:-1]).any()):
+        return None
+    none = torch.zeros_like(q0)
+    q_gap = torch.cat([none[:1], q0[1:] - q1[:-1]])
+    k_gap = torch.cat([none[:1], k0[1:] - k1[:-1]])
+    lq = torch.stack([q_gap, none, q1 - q0], 1).flatten()
+    lk = torch.stack([none, k_gap, k1 - k0], 1).flatten()
+    keep = (lq > 0) | (lk > 0)
+    return lq[keep], lk[keep]
 
 
 def _cumsum(lengths: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ import torch
 
 from .agreement import check_ranks_agree
 from .distributed import group_rank, group_size
-from .kernels import Kernel, accumulate_dtype, get_kernel, resolve_scale, resolve_softcap
+from .kernels import Kernel, accumulate_dtype, get_kernel, resolve_scale, resolve_softcap, takes_empty_sequences
 from .merge import merge_, prepare
 from .plan import DeviceCall, RingPlan, Rows
 from .transport import RingComm
@@ -273,7 +273,7 @@ def ring_attention_with_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         raise error
     prepare(q.device, q.shape[-1], q.dtype)  # compiles and checks the merge's variant: not mid-ring
     scale = resolve_scale(softmax_scale, q.shape[-1])
-    ring = _Ring(plan.device_calls(q.device), plan.num_steps, RingComm(group, rank, world_size), kernel, scale,
+    ring = _Ring(plan.device_calls(q.device, empty_sequences=takes_empty_sequences(kernel)), plan.num_steps, RingComm(group, rank, world_size), kernel, scale,
                  softcap)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     inputs = (q, k, v) if sinks is None else (q, k, v, sinks)

@@ -121,12 +121,16 @@ def test_plan_smoke_reports_planning_time_per_rank(tmp_path):
         multiple = 2 * r["world_size"] if r["layout"] == "zigzag" else r["world_size"]
         assert r["padded_tokens"] % multiple == 0 and 512 <= r["padded_tokens"] < 512 + r["docs"] * multiple
         assert r["upload_ms"] > 0
-        assert 0 <= r["q_rows_gathered"] <= 1 and 0 <= r["k_rows_gathered"] <= 1
-        if r["docs"] == 1 and r["window"] is None:  # one document: every call takes ranges
-            assert r["q_rows_gathered"] == r["k_rows_gathered"] == 0
-    # packed, padded documents break the ranges (today's plan gathers them; a plan that stops
-    # gathering should change this line and the README's numbers together)
-    assert all(r["q_rows_gathered"] > 0 for r in rows if r["layout"] == "striped" and r["docs"] == 16)
+        without = r["q_rows_gathered_without_empty_sequences"], r["k_rows_gathered_without_empty_sequences"]
+        assert all(0 <= share <= 1 for share in without)
+        # with the gaps as empty sequences no call of these layouts gathers
+        assert r["q_rows_gathered"] == r["k_rows_gathered"] == 0
+        assert r["sequences_ratio"] >= 1
+        if r["docs"] == 1 and r["window"] is None:  # one document: every call takes ranges either way
+            assert without == (0, 0) and r["sequences_ratio"] == 1
+    # packed, padded documents break the ranges: without empty sequences they are gathered
+    packed = [r for r in rows if r["layout"] == "striped" and r["docs"] == 16]
+    assert all(r["q_rows_gathered_without_empty_sequences"] > 0 and r["sequences_ratio"] > 1 for r in packed)
     assert payload["target_ms"] == 50.0
 
 

@@ -122,7 +122,7 @@ def test_batches_sharded_for_a_patched_model_get_their_plans_before_the_forward(
     local = cp.shard(batch)
     assert sorted(built, key=str) == [6, None]
     plans = local["ring_batch"]._plans
-    assert all(torch.device("cpu") in plan._on_device for plan in plans.values())  # uploaded
+    assert all((torch.device("cpu"), True) in plan._on_device for plan in plans.values())  # uploaded
     model(**local)
     assert len(built) == 2  # the forward built nothing more
 

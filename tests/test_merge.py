@@ -1,5 +1,6 @@
 """The log-sum-exp merge: PyTorch and Triton implementations against float64, on rows given as a
-range or as an index, with rows that have seen nothing (lse -inf) on either side.
+range or as an index, with rows that have seen nothing (lse -inf) on either side, and block rows
+without keys as flash-attn 2 returns them (lse +inf, output not to be read).
 
 The Triton kernel runs on CPU through Triton's interpreter (``TRITON_INTERPRET=1``, set in a
 subprocess because Triton reads it when the kernel is defined); triton is in the test extra."""
@@ -39,6 +40,10 @@ def random_case(seed: int, heads: int = 3, head_dim: int = 24, total: int = 70, 
     block_out = torch.randn(n, heads, head_dim, generator=gen).to(block_dtype)
     block_lse = torch.randn(heads, n, generator=gen) * 3
     block_lse[torch.rand(heads, n, generator=gen) < 0.25] = NEG_INF  # rows that see nothing here
+    # rows of an empty sequence: flash-attn 2 writes lse +inf there; their output must not be read
+    keyless = torch.rand(heads, n, generator=gen) < 0.15
+    block_lse[keyless] = float("inf")
+    block_out.masked_fill_(keyless.T[..., None], float("nan"))
     return out, lse, rows, block_out, block_lse
 
 
@@ -49,7 +54,8 @@ def merge_float64(out, lse, rows, block_out, block_lse):
     for i, r in enumerate(index):
         for h in range(out.shape[1]):
             a, b = lse[h, r].item(), block_lse[h, i].item()
-            if a == b == NEG_INF:
+            b = NEG_INF if b == float("inf") else b  # a row without keys
+            if b == NEG_INF:
                 continue
             m = max(a, b)
             wa, wb = math.exp(a - m), math.exp(b - m)

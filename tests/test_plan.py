@@ -9,6 +9,7 @@ from hf_ring_attention import RingPlan
 from hf_ring_attention.layout import layout_multiple, local_indices
 from helpers import true_mask
 from plan_reference import reference_plan
+import fa2_rules
 
 
 def covered(bounds, world_size, layout, causal, window, seqused=None):
@@ -104,10 +105,84 @@ def test_windows_survive_flash_attn_2_clamping(case):
                     assert s.left < 0 or s.left < lk - 1
 
 
-def test_upload_packs_every_index_in_one_buffer():
+def _seen(lq: int, lk: int, window) -> torch.Tensor:
+    """[lq, lk] bool: the keys each query of a sequence sees under a bottom-right aligned window."""
+    left, right = window
+    rel = torch.arange(lk)[None, :] - torch.arange(lq)[:, None] - (lk - lq)
+    seen = torch.ones(lq, lk, dtype=torch.bool)
+    if left >= 0:
+        seen &= rel >= -left
+    if right >= 0:
+        seen &= rel <= right
+    return seen
+
+
+def device_covered(bounds, world_size, layout, causal, window, seqused, empty_sequences):
+    """:func:`covered` for the uploaded calls, read the way flash-attn 2 reads them (its window
+    rewrites at max_seqlen_k), and the number of calls that gather their rows."""
+    total = bounds[-1]
+    count = torch.zeros(total, total, dtype=torch.long)
+    index = [local_indices(bounds, layout, world_size, r) for r in range(world_size)]
+    gathering = 0
+    for rank in range(world_size):
+        plan = RingPlan(bounds, world_size=world_size, rank=rank, layout=layout, causal=causal,
+                        window_size=window, seqused=seqused)
+        for step, calls in enumerate(plan.device_calls("cpu", empty_sequences=empty_sequences)):
+            src = (rank - step) % world_size
+            for call in calls:
+                v = call.varlen
+                rows = [torch.arange(r.start, r.stop) if r.index is None else r.index.long()
+                        for r in (call.q_rows, call.k_rows)]
+                gathering += call.q_rows.index is not None or call.k_rows.index is not None
+                cu_q, cu_k = v.cu_seqlens_q.tolist(), v.cu_seqlens_k.tolist()
+                assert cu_q[-1] == len(call.q_rows) and cu_k[-1] == len(call.k_rows), "a row outside every sequence"
+                for q0, q1, k0, k1 in zip(cu_q, cu_q[1:], cu_k, cu_k[1:]):
+                    lq, lk = q1 - q0, k1 - k0
+                    assert v.max_seqlen_q >= lq and v.max_seqlen_k >= max(lk, v.max_seqlen_q)
+                    if lq == 0 or lk == 0:
+                        assert empty_sequences, "an empty sequence in the gathering form"
+                        assert v.max_seqlen_q >= 2, "flash-attn 2 would read max_seqlen_q == 1 as one query each"
+                        continue
+                    seen = _seen(lq, lk, fa2_rules.effective_window(v))
+                    assert int(seen.sum(1).min()) >= 1, "a query row of a sequence with keys sees none"
+                    qi = index[rank][rows[0][q0:q1]]
+                    kj = index[src][rows[1][k0:k1]]
+                    count[qi[:, None], kj[None, :]] += seen.long()
+    return count, gathering
+
+
+@settings(max_examples=100, deadline=None)
+@given(masks(), st.booleans())
+def test_uploaded_calls_cover_true_mask_exactly_once_in_both_forms(case, empty_sequences):
+    """Gathered rows, or one range per side with the gaps as empty sequences: either way every
+    visible pair is computed exactly once, under flash-attn 2's reading of the window."""
+    bounds, world_size, layout, causal, window, seqused = case
+    count, _ = device_covered(bounds, world_size, layout, causal, window, seqused, empty_sequences)
+    assert torch.equal(count, true_mask(bounds, causal, window, seqused).long())
+
+
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous", "striped"])
+@pytest.mark.parametrize("window", [None, 3, 13])
+def test_packed_padded_documents_read_their_rows_without_gathering(layout, window):
+    """With empty sequences no call of these packed, padded batches gathers a row; without, some do."""
+    world_size = 4
+    multiple = layout_multiple(layout, world_size)
+    gen = torch.Generator().manual_seed(7)
+    used = torch.randint(1, 5 * multiple, (9,), generator=gen).tolist()
+    lengths = [-(-n // multiple) * multiple for n in used]
+    bounds = [0] + torch.tensor(lengths).cumsum(0).tolist()
+    for causal in (True, False):
+        _, gathering = device_covered(bounds, world_size, layout, causal, window, used, True)
+        assert gathering == 0
+        _, gathering = device_covered(bounds, world_size, layout, causal, window, used, False)
+        assert gathering > 0
+
+
+@pytest.mark.parametrize("empty_sequences", [True, False], ids=["empty-sequences", "gathered"])
+def test_upload_packs_every_index_in_one_buffer(empty_sequences):
     bounds, seqused = [0, 16, 48, 56], [13, 32, 1]
     plan = RingPlan(bounds, world_size=4, rank=1, window_size=6, seqused=seqused)
-    calls = plan.upload("cpu").device_calls("cpu")
+    calls = plan.upload("cpu", empty_sequences=empty_sequences).device_calls("cpu", empty_sequences=empty_sequences)
     assert len(calls) == plan.num_steps
     storages = set()
     for host_calls, device_calls in zip(plan.steps, calls):
@@ -116,10 +191,20 @@ def test_upload_packs_every_index_in_one_buffer():
             segs = host.segments
             lq = [s.q1 - s.q0 for s in segs]
             lk = [s.k1 - s.k0 for s in segs]
-            assert dev.varlen.cu_seqlens_q.tolist() == [sum(lq[:i]) for i in range(len(lq) + 1)]
-            assert dev.varlen.cu_seqlens_k.tolist() == [sum(lk[:i]) for i in range(len(lk) + 1)]
+            cu_q, cu_k = dev.varlen.cu_seqlens_q.tolist(), dev.varlen.cu_seqlens_k.tolist()
             assert dev.varlen.cu_seqlens_q.dtype == torch.int32
-            assert (dev.varlen.max_seqlen_q, dev.varlen.window) == (max(lq), host.window)
+            assert dev.varlen.window == host.window
+            if empty_sequences and len(segs) > 1:
+                # one range per side; the host's sequences, with the gaps between them in between
+                assert dev.q_rows.index is None and dev.k_rows.index is None
+                assert (dev.q_rows.start, dev.q_rows.stop) == (segs[0].q0, segs[-1].q1)
+                assert (dev.k_rows.start, dev.k_rows.stop) == (segs[0].k0, segs[-1].k1)
+                pairs = [(b - a, d - c) for a, b, c, d in zip(cu_q, cu_q[1:], cu_k, cu_k[1:])]
+                assert [p for p in pairs if 0 not in p] == list(zip(lq, lk))
+                continue
+            assert cu_q == [sum(lq[:i]) for i in range(len(lq) + 1)]
+            assert cu_k == [sum(lk[:i]) for i in range(len(lk) + 1)]
+            assert dev.varlen.max_seqlen_q == max(lq)
             for rows, spans in ((dev.q_rows, [(s.q0, s.q1) for s in segs]), (dev.k_rows, [(s.k0, s.k1) for s in segs])):
                 wanted = [i for a, b in spans for i in range(a, b)]
                 got = list(range(rows.start, rows.stop)) if rows.index is None else rows.index.tolist()

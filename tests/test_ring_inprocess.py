@@ -8,6 +8,7 @@ import torch
 
 import fa2_rules
 from hf_ring_attention import InProcessRing, pad_for_layout
+from hf_ring_attention.kernels import cpu
 from hf_ring_attention.layout import layout_multiple
 from hf_ring_attention.plan import Call
 from helpers import TOL, assert_close, attention_reference, random_bounds, rel_err
@@ -173,6 +174,51 @@ def test_ring_is_exact_under_flash_attn_2_window_rules(layout, causal):
             for window in (None, 2, multiple // 2 + 1, 5):
                 check_ring(padded.cu_seqlens.tolist(), world_size, layout, causal, window, HEADS["GQA"],
                            torch.float32, seqused=lengths, backend=fa2_rules, head_dim=8)
+
+
+class Gathering:
+    """``kernel`` without its ``empty_sequences`` declaration, checking that the ring then gives it
+    only sequences with queries and keys (it gathers rows instead)."""
+
+    def __init__(self, kernel):
+        self.name, self.kernel = f"{kernel.name}, gathering", kernel
+        self.check = kernel.check
+
+    @staticmethod
+    def _no_empty_sequence(varlen):
+        lq = varlen.cu_seqlens_q.diff()
+        lk = varlen.cu_seqlens_k.diff()
+        assert bool((lq > 0).all() and (lk > 0).all()), "an empty sequence for a kernel that takes none"
+
+    def forward(self, q, k, v, varlen, *args, **kwargs):
+        self._no_empty_sequence(varlen)
+        return self.kernel.forward(q, k, v, varlen, *args, **kwargs)
+
+    def backward(self, dout, q, k, v, out, lse, varlen, *args, **kwargs):
+        self._no_empty_sequence(varlen)
+        return self.kernel.backward(dout, q, k, v, out, lse, varlen, *args, **kwargs)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("backend", [cpu, Gathering(cpu), fa2_rules, Gathering(fa2_rules)],
+                         ids=["cpu", "cpu-gathering", "fa2_rules", "fa2_rules-gathering"])
+def test_both_forms_of_a_call_are_exact(layout, backend):
+    """Packed documents with layout padding, tiny ones included (one row per piece, where every
+    sequence of a call may hold one query): whether a call reads one range per side with its gaps
+    as empty sequences (kernels that take them) or gathers its rows (kernels that do not), the
+    ring is exact, also under flash-attn 2's rules (+inf lse for rows without keys, the swapped
+    path for max_seqlen_q == 1 with GQA)."""
+    gen = torch.Generator().manual_seed(11)
+    for world_size in (2, 4):
+        multiple = layout_multiple(layout, world_size)
+        mixed = [1, multiple] + torch.randint(1, 3 * multiple, (3,), generator=gen).tolist()
+        for lengths in (mixed, [multiple, 1, multiple, 2]):  # the second: every document tiny
+            cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+            padded = pad_for_layout(torch.zeros(cu[-1].item()), cu, world_size=world_size, layout=layout)
+            for causal, window, heads in ((True, None, HEADS["GQA"]), (False, None, HEADS["MQA"]),
+                                          (True, 3, HEADS["MHA"]), (False, multiple + 1, HEADS["GQA"])):
+                check_ring(padded.cu_seqlens.tolist(), world_size, layout, causal, window, heads, torch.float32,
+                           seqused=lengths, backend=backend, head_dim=8)
 
 
 @pytest.mark.parametrize("case", [

@@ -33,7 +33,7 @@ import os
 import torch
 
 from . import cpu, flash_attn, flash_attn_4, torch_flash
-from .contract import Kernel, Varlen, accumulate_dtype, resolve_scale, resolve_softcap
+from .contract import Kernel, Varlen, accumulate_dtype, resolve_scale, resolve_softcap, takes_empty_sequences
 
 BACKENDS: dict[str, Kernel] = {m.name: m for m in (flash_attn_4, flash_attn, torch_flash, cpu)}
 ENV_VAR = "HF_RING_ATTENTION_BACKEND"
@@ -45,7 +45,7 @@ SOFTCAP_BACKENDS = {
 """The backends whose kernels take a logit softcap, as error messages name them."""
 
 __all__ = ["BACKENDS", "ENV_VAR", "SOFTCAP_BACKENDS", "Kernel", "Varlen", "accumulate_dtype", "get_kernel",
-           "resolve_scale", "resolve_softcap"]
+           "resolve_scale", "resolve_softcap", "takes_empty_sequences"]
 
 
 def get_kernel(backend: str | Kernel | None, device, dtype: torch.dtype, head_dim: int,

@@ -18,8 +18,13 @@ The scores are ``softmax_scale * q.k``; with a logit softcap ``c > 0`` (Gemma 2'
 ``attn_logit_softcapping``) they are ``c * tanh(softmax_scale * q.k / c)``, applied before the mask
 and the softmax, and the lse is that of the capped scores. ``softcap = 0`` means none.
 
-The ring never asks for a row that sees no key (the plan crops them away), so backends need not
-agree on what such a row returns (flash-attn 2 writes lse = +inf there, flash-attn 4 -inf).
+Empty sequences. A backend that sets ``empty_sequences = True`` (every built-in one) also takes
+sequences with no queries or no keys, which the ring uses to read a call's rows as one range
+instead of gathering them (``RingPlan.device_calls``). Such a sequence must add nothing: a query
+row without keys comes back with lse -inf or +inf (flash-attn 2 writes +inf, flash-attn 4 -inf;
+the merge treats both as "no key", and does not read that row's output) and dq 0, a key row
+without queries with dk = dv = 0. A backend without the attribute is only ever given sequences
+with queries and keys, every query row seeing at least one key.
 """
 
 from __future__ import annotations
@@ -67,6 +72,7 @@ class Kernel(Protocol):
     object that follows it as ``backend=``."""
 
     name: str
+    # optional: ``empty_sequences = True`` if the backend takes empty sequences (module docstring)
 
     def check(self, device: torch.device, dtype: torch.dtype, head_dim: int,
               softcap: float = 0.0) -> str | None:
@@ -83,6 +89,12 @@ class Kernel(Protocol):
                  softcap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(dq, dk, dv)`` in the input dtypes, recomputed from ``out`` and ``lse``, which may be
         the merged results of several calls (only ``exp(scores - lse)`` is recomputed)."""
+
+
+def takes_empty_sequences(kernel) -> bool:
+    """Whether ``kernel`` declares ``empty_sequences = True`` (see the module docstring); False
+    for backends that do not say."""
+    return getattr(kernel, "empty_sequences", False) is True
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:

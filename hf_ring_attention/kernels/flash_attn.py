@@ -33,6 +33,11 @@ import torch
 from .contract import Varlen, capability, cuda_reason, dtype_reason, head_dim_reason
 
 name = "flash_attn"
+# Empty sequences (contract.py), read in flash-attn 2's csrc: the forward's early exit when a
+# query block has no key block writes out 0 and lse +inf; the backward zeroes dq through its
+# cleared dq accumulator, and writes dk = dv = 0 for key blocks of a sequence without queries
+# ("This also covers the case where actual_seqlen_q == 0"; varlen calls are never "even").
+empty_sequences = True
 
 
 @lru_cache(maxsize=None)

@@ -36,6 +36,11 @@ import torch
 from .contract import Varlen, capability, cuda_reason, dtype_reason, head_dim_reason
 
 name = "flash_attn_4"
+# Empty sequences (contract.py), read in 4.0.0b36: a query row without keys finishes its softmax
+# with row sum 0, giving out 0 and lse -inf; the backward preprocess zeroes the dq accumulator,
+# and a key tile of a varlen sequence without query blocks writes dk = dv = 0
+# (flash_bwd_sm90.py and flash_bwd_sm100.py, "KV tile with zero Q blocks").
+empty_sequences = True
 
 FORWARD_KEYWORDS = ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k",
                     "softmax_scale", "causal", "window_size_left", "window_size_right", "return_lse")

@@ -16,6 +16,7 @@ import torch
 from .contract import Varlen, capability, cuda_reason, dtype_reason, head_dim_reason
 
 name = "torch_flash"
+empty_sequences = True  # the same kernels as flash-attn 2: see flash_attn.py
 
 
 NO_SOFTCAP = "has no logit softcap (PyTorch's built-in FlashAttention-2 kernels take none)"
