@@ -18,7 +18,8 @@ session that has one:
 4. ``plan``: host time to plan a packed batch (512 documents, 64K tokens, P = 8).
 5. ``kernel_efficiency``: ``kernel_efficiency.py`` at P = 8, 8K tokens per rank, zigzag and
    contiguous, one sequence and packed documents, bf16, 32 query / 8 key-value heads, head_dim 128;
-   packed documents in both forms of a call, side by side.
+   packed documents in both forms of a call, side by side, with their peak memory, and again
+   under a 4096-token sliding window.
 
 Each section records its own failure (with the traceback) and the next one runs. Everything goes
 to ``DIR/gpu_check.json`` and a one-screen ``DIR/summary.txt`` (also printed).
@@ -385,14 +386,20 @@ def section_kernel_efficiency(device, dtype, sizes, seed, out_dir) -> dict:
     if device.type == "cuda":
         argv = ["--device", "cuda", "--world-sizes", "8", "--tokens-per-rank", "8K", "--layouts", "zigzag,contiguous",
                 "--dtype", "bfloat16", "--heads", "32", "--kv-heads", "8", "--head-dim", "128", "--repeats", "3",
-                "--warmup", "1", "--forms", "ranges,gathered", "--out", path]
+                "--warmup", "1", "--forms", "ranges,gathered"]
+        window = "4096"
     else:
         argv = ["--device", "cpu", "--world-sizes", "2", "--tokens-per-rank", "64", "--layouts", "zigzag,contiguous",
-                "--repeats", "1", "--warmup", "0", "--forms", "ranges,gathered", "--out", path]
-    payload = kernel_efficiency.main(argv)
-    rows = [{k: r[k] for k in ("layout", "packed", "form", "world_size", "tokens_per_rank", "efficiency_fwd",
-                               "efficiency_fwd_bwd", "balance_fwd", "balance_fwd_bwd", "kernel_calls")}
-            for r in payload["results"]]
+                "--repeats", "1", "--warmup", "0", "--forms", "ranges,gathered"]
+        window = "16"
+    payload = kernel_efficiency.main(argv + ["--out", path])
+    # packed documents under a sliding window too: the far steps' calls are short pieces between
+    # long gaps, where the two forms of a call differ most
+    windowed = kernel_efficiency.main(argv + ["--packed", "--window", window,
+                                              "--out", os.path.join(out_dir, "kernel_efficiency_window.json")])
+    keys = ("layout", "packed", "form", "window", "world_size", "tokens_per_rank", "efficiency_fwd",
+            "efficiency_fwd_bwd", "balance_fwd", "balance_fwd_bwd", "kernel_calls", "fwd_bwd_peak_mib")
+    rows = [{k: r[k] for k in keys} for r in payload["results"] + windowed["results"]]
     refs = [{k: r[k] for k in ("packed", "total_tokens", "num_docs", "tflops_fwd", "tflops_fwd_bwd")}
             for r in payload["reference"]]
     return {"backend": payload["machine"]["backend"], "rows": rows, "reference": refs, "json": path,
@@ -455,10 +462,12 @@ def summary(report: dict) -> str:
             lines.append(f"kernel_efficiency ({sec['backend']}; targets: zigzag fwd+bwd >= 0.95, packed >= 0.90, "
                          f"balance <= 1.02)")
             for r in sec["rows"]:
-                lines.append(f"  {r['layout']:>10} {'packed' if r['packed'] else 'one seq':>7} {r['form']:>8} "
+                window = "" if r["window"] is None else f" window {r['window']}"
+                peak = "" if r["fwd_bwd_peak_mib"] is None else f", peak {r['fwd_bwd_peak_mib']:.0f} MiB"
+                lines.append(f"  {r['layout']:>10} {'packed' if r['packed'] else 'one seq':>7}{window} {r['form']:>8} "
                              f"P={r['world_size']} "
                              f"{r['tokens_per_rank']}/rank: eff fwd {r['efficiency_fwd']:.3f} fwd+bwd "
-                             f"{r['efficiency_fwd_bwd']:.3f}, balance fwd+bwd {r['balance_fwd_bwd']:.3f}")
+                             f"{r['efficiency_fwd_bwd']:.3f}, balance fwd+bwd {r['balance_fwd_bwd']:.3f}{peak}")
             for r in sec["reference"]:
                 lines.append(f"  reference {'packed' if r['packed'] else 'one seq'} {r['total_tokens']} tokens: "
                              f"{r['tflops_fwd']:.0f} TFLOP/s fwd, {r['tflops_fwd_bwd']:.0f} fwd+bwd")

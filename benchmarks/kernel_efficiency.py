@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how calls read rows that are not one range (packed documents), comma-separated: "
                         "'ranges' (one range per side, gaps as empty sequences; what the built-in backends get) "
                         "and/or 'gathered' (rows gathered through an index) (default: ranges)")
+    p.add_argument("--window", type=int, default=None,
+                   help="sliding window (query i sees keys i - window < j <= i) for the ring and the reference "
+                        "(default: none, plain causal)")
     p.add_argument("--dtype", type=parse_dtype, default=None, help="default bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--heads", type=int, default=None, help="query heads (default 32 on CUDA, 4 on CPU)")
     p.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default 8 on CUDA, 2 on CPU)")
@@ -119,7 +122,8 @@ def time_full(lengths: list[int], kernel, args) -> dict:
     total = sum(lengths)
     q, k, v, dout = random_qkv(total, args, torch.Generator(args.device).manual_seed(args.seed))
     cu = cu_seqlens(lengths, args.device)
-    call = Varlen(cu, cu, max(lengths), max(lengths), (-1, 0))  # causal
+    # causal; with a sliding window (transformers' convention: query i sees keys i - w < j <= i)
+    call = Varlen(cu, cu, max(lengths), max(lengths), (-1, 0) if args.window is None else (args.window - 1, 0))
     scale = resolve_scale(None, args.head_dim)
 
     def fwd_bwd():
@@ -137,7 +141,7 @@ def time_ranks(layout: str, lengths: list[int], P: int, kernel, args, form: str 
     """Forward and forward+backward time of every rank's share of the ring, one rank at a time,
     its calls reading their rows in ``form``."""
     total = sum(lengths)
-    ring = InProcessRing(cu_seqlens(lengths), world_size=P, layout=layout)
+    ring = InProcessRing(cu_seqlens(lengths), world_size=P, layout=layout, window_size=args.window)
     if form == "gathered":
         kernel = gathering(kernel)
     for plan in ring.plans:
@@ -159,7 +163,22 @@ def time_ranks(layout: str, lengths: list[int], P: int, kernel, args, form: str 
     fb = [time_call(lambda: fwd_bwd(r), args.device, warmup=args.warmup, repeats=args.repeats)
           for r in range(P)]
     calls = [sum(len(c) for c in plan.steps[:ring.num_steps]) for plan in ring.plans]
-    return {"fwd_s": fwd, "fwd_bwd_s": fb, "kernel_calls": calls}
+    peaks = [peak_mib(lambda: fwd_bwd(r), args.device) for r in range(P)]
+    return {"fwd_s": fwd, "fwd_bwd_s": fb, "kernel_calls": calls,
+            "fwd_bwd_peak_mib": None if peaks[0] is None else max(peaks)}
+
+
+def peak_mib(fn, device) -> float | None:
+    """Memory ``fn`` allocates at its peak beyond what is allocated already, in MiB (CUDA only:
+    the kernels' scratch buffers, e.g. flash-attn's dq accumulator, padded per sequence)."""
+    if torch.device(device).type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
 def main(argv=None) -> dict:
@@ -168,8 +187,9 @@ def main(argv=None) -> dict:
     kernel = get_kernel(args.backend, torch.device(args.device), args.dtype, args.head_dim)
     machine = machine_info(args.device, kernel.name)
     print_machine(machine)
+    mask = "causal" if args.window is None else f"causal, window {args.window}"
     print(f"shape: {args.heads} query / {args.kv_heads} key-value heads, head_dim {args.head_dim}, "
-          f"{str(args.dtype).replace('torch.', '')}, causal; median of {args.repeats} after {args.warmup} warm-up",
+          f"{str(args.dtype).replace('torch.', '')}, {mask}; median of {args.repeats} after {args.warmup} warm-up",
           flush=True)
     references, rows = {}, []
     for packed in args.packings:
@@ -189,7 +209,7 @@ def main(argv=None) -> dict:
                     timing = time_ranks(layout, lengths, P, kernel, args, form)
                     row = dict(
                         layout=layout, packed=packed, form=form, world_size=P, tokens_per_rank=t,
-                        total_tokens=total, num_docs=len(lengths),
+                        total_tokens=total, num_docs=len(lengths), window=args.window,
                         efficiency_fwd=ref["fwd_s"] / sum(timing["fwd_s"]),
                         efficiency_fwd_bwd=ref["fwd_bwd_s"] / sum(timing["fwd_bwd_s"]),
                         balance_fwd=balance(timing["fwd_s"]), balance_fwd_bwd=balance(timing["fwd_bwd_s"]),
@@ -212,7 +232,8 @@ def main(argv=None) -> dict:
     print_table(rows, [("layout", "layout", ""), ("docs", "docs", ""), ("form", "rows", ""), ("world_size", "P", ""),
                        ("tokens_per_rank", "tokens/rank", ""), ("efficiency_fwd", "eff fwd", ".3f"),
                        ("efficiency_fwd_bwd", "eff fwd+bwd", ".3f"), ("balance_fwd", "bal fwd", ".3f"),
-                       ("balance_fwd_bwd", "bal fwd+bwd", ".3f"), ("slowest_fwd_bwd_ms", "slowest rank fwd+bwd ms", ".2f")])
+                       ("balance_fwd_bwd", "bal fwd+bwd", ".3f"), ("slowest_fwd_bwd_ms", "slowest rank fwd+bwd ms", ".2f")]
+                + ([("fwd_bwd_peak_mib", "peak MiB fwd+bwd", ".0f")] if rows and rows[0]["fwd_bwd_peak_mib"] is not None else []))
     print("\nreference: one kernel call over the whole sequence (plain full attention)")
     print_table(reference_rows, [("docs", "docs", ""), ("total_tokens", "tokens", ""), ("num_docs", "documents", ""),
                                  ("fwd_ms", "fwd ms", ".2f"), ("fwd_bwd_ms", "fwd+bwd ms", ".2f"),

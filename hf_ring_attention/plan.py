@@ -32,9 +32,11 @@ without queries (key rows it must not see)::
                                                                    (0, 1)  the key gap
     (".": rows of the gaps)                                        (2, 3)  document b
 
-Empty sequences cost a kernel next to nothing and add nothing to any result (``contract.py``);
-kernels that do not declare that they take them get gathered rows instead
-(:meth:`RingPlan.device_calls`).
+Empty sequences add nothing to any result (``contract.py``). They are not free: a flash kernel
+launches ``max_seqlen_q / block`` query blocks for every sequence (most of them exit at once) and
+pads its backward's dq accumulator per sequence, so a call keeps gathering when a gap would be
+longer than its longest sequence rounded up to the kernels' 128-row blocks. Kernels that do not declare that they take empty sequences get
+gathered rows (:meth:`RingPlan.device_calls`).
 
 flash-attn 2 (the package, and PyTorch's copy of it) rewrites windows against ``max_seqlen_k``:
 a side >= ``max_seqlen_k`` becomes unbounded, and an unbounded side next to a bounded one becomes
@@ -535,7 +537,8 @@ class RingPlan:
                     lengths = gaps
                     q_rows = int(call.q0[0]), int(call.q1[-1])
                     k_rows = int(call.k0[0]), int(call.k1[-1])
-                    # >= 2: flash-attn 2 reads max_seqlen_q == 1 as one query in every sequence
+                    # the gaps too (within the same row blocks); >= 2: flash-attn 2 reads
+                    # max_seqlen_q == 1 as one query in every sequence
                     max_q = max(int(gaps[0].max()), 2)
                     max_k = max(int(gaps[1].max()), max_q)
             q_index = None if q_rows is not None else put(_ranges(call.q0, call.q1))
@@ -581,7 +584,8 @@ class RingPlan:
           sequences becomes a sequence of its own, with no keys (a gap of query rows) or no
           queries (a gap of key rows). Such sequences add nothing to any result: their rows come
           back with lse +-inf (ignored by the merge) and zero gradients. Calls whose key rows do
-          not follow the order of their query rows keep the other form.
+          not follow the order of their query rows, or with a gap longer than their longest
+          sequence rounded up to 128 rows (see ``_with_gaps``), keep the other form.
         * ``empty_sequences=False``: the rows are gathered through an index (and the results
           scattered back), and every sequence has queries and keys.
         """
@@ -604,17 +608,35 @@ def _rows(start: torch.Tensor, stop: torch.Tensor) -> tuple[int, int] | None:
     return None
 
 
+ROW_BLOCK = 128
+"""Rows per block of the flash kernels' grids (queries in the forward, keys in the backward, for
+head_dim <= 128 on SM80/SM90): gaps up to the call's longest sequence rounded up to it add no
+block to any sequence."""
+
+
+def _round_up(rows: int) -> int:
+    return -(-rows // ROW_BLOCK) * ROW_BLOCK
+
+
 def _with_gaps(call: Call) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The query and key lengths of the call's sequences once every gap between consecutive
     sequences (query rows, key rows, or both) is a sequence of its own: a gap of query rows
-    without keys, then a gap of key rows without queries, then the sequence itself. None when the
-    key ranges do not follow each other in query order (overlapping or going back)."""
+    without keys, then a gap of key rows without queries, then the sequence itself.
+
+    None (gather instead) when the key ranges do not follow each other in query order
+    (overlapping or going back), or when a gap would add row blocks to the call: flash kernels
+    launch ``ceil(max_seqlen_q / 128)`` query blocks for *every* sequence (and tile keys the same
+    way in the backward), so a gap longer than the call's longest sequence rounded up to
+    :data:`ROW_BLOCK` rows would multiply the blocks that do nothing, where the call has only a
+    few rows to gather (far steps of a sliding window: short pieces between long gaps)."""
     q0, q1, k0, k1 = call.q0, call.q1, call.k0, call.k1
     if bool((q0[1:] < q1[:-1]).any() or (k0[1:] < k1[:-1]).any()):
         return None
     none = torch.zeros_like(q0)
     q_gap = torch.cat([none[:1], q0[1:] - q1[:-1]])
     k_gap = torch.cat([none[:1], k0[1:] - k1[:-1]])
+    if int(q_gap.max()) > _round_up(call.max_seqlen_q) or int(k_gap.max()) > _round_up(call.max_seqlen_k):
+        return None
     lq = torch.stack([q_gap, none, q1 - q0], 1).flatten()
     lk = torch.stack([none, k_gap, k1 - k0], 1).flatten()
     keep = (lq > 0) | (lk > 0)

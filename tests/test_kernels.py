@@ -2,6 +2,7 @@
 selection by what imports, never the cpu kernel on CUDA by accident; adapters against stand-ins
 that follow the real signatures."""
 
+import importlib.metadata
 import inspect
 import sys
 import types
@@ -430,6 +431,37 @@ def test_flash_attn_4_release_without_a_needed_keyword_is_unavailable(fake_gpu):
     reason = fa4_adapter.check(torch.device("cuda", 0), torch.bfloat16, 128)
     assert "_flash_attn_fwd takes no ['return_lse']" in reason
     assert kernels.get_kernel(None, torch.device("cuda", 0), torch.bfloat16, 128) is torch_flash
+
+
+@pytest.mark.parametrize("installed, usable", [("4.0.0b20", False), ("4.0.0b36", True), ("4.0.0", True), (None, True)])
+def test_flash_attn_4_releases_before_the_one_read_are_refused(fake_gpu, monkeypatch, installed, usable):
+    """Older betas take other arguments and crash or hang on sequences without queries or keys;
+    an install without a release (from source) is taken."""
+    def version(name):
+        assert name == "flash-attn-4"
+        if installed is None:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return installed
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    fa4_adapter._release_reason.cache_clear()
+    fake_gpu.fa4 = _fa4_stand_in()[0]
+    fake_gpu.install()
+    try:
+        reason = fa4_adapter.check(torch.device("cuda", 0), torch.bfloat16, 128)
+    finally:
+        fa4_adapter._release_reason.cache_clear()
+    if usable:
+        assert reason is None
+    else:
+        assert "needs flash-attn-4 >= 4.0.0b36" in reason and "found 4.0.0b20" in reason
+
+
+def test_every_built_in_backend_takes_empty_sequences():
+    # what RingPlan.device_calls hands them (the GPU check confirms it on a device); a kernel that
+    # does not say gets gathered rows
+    assert all(kernels.takes_empty_sequences(module) for module in kernels.BACKENDS.values())
+    assert not kernels.takes_empty_sequences(types.SimpleNamespace(name="mine"))
 
 
 # ------------------------------------------------------------- flash-attn 2's window rules

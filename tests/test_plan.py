@@ -178,6 +178,25 @@ def test_packed_padded_documents_read_their_rows_without_gathering(layout, windo
         assert gathering > 0
 
 
+def test_a_gap_longer_than_the_kernels_row_block_is_gathered_instead():
+    """A document that is all padding on rank 1 leaves a 300-row gap between two 4-row pieces (290
+    rows on rank 0): as an empty sequence it would give every sequence of the call three 128-row
+    blocks instead of one, so such calls gather their few rows, and the result is exact."""
+    bounds, used = [0, 8, 608, 616], [8, 10, 8]
+    count, gathering = device_covered(bounds, 2, "contiguous", True, None, used, True)
+    assert gathering == 3  # rank 0's step 0, rank 1's steps 0 and 1
+    assert torch.equal(count, true_mask(bounds, True, None, used).long())
+    plan = RingPlan(bounds, world_size=2, rank=1, layout="contiguous", seqused=used)
+    calls = [c for step in plan.device_calls("cpu") for c in step]
+    assert [c.q_rows.index.tolist() for c in calls] == [[0, 1, 2, 3, 304, 305, 306, 307]] * 2
+    # a 100-row gap fits in the longest sequence's 128-row block: a range and an empty sequence
+    bounds, used = [0, 8, 208, 216], [8, 10, 8]
+    plan = RingPlan(bounds, world_size=2, rank=1, layout="contiguous", seqused=used)
+    calls = [c for step in plan.device_calls("cpu") for c in step]
+    assert all(c.q_rows.index is None and (c.q_rows.start, c.q_rows.stop) == (0, 108) for c in calls)
+    assert [c.varlen.cu_seqlens_q.tolist() for c in calls] == [[0, 4, 104, 104, 108]] * 2
+
+
 @pytest.mark.parametrize("empty_sequences", [True, False], ids=["empty-sequences", "gathered"])
 def test_upload_packs_every_index_in_one_buffer(empty_sequences):
     bounds, seqused = [0, 16, 48, 56], [13, 32, 1]

@@ -2,13 +2,14 @@
 the whole sequence, across layouts, masks, packing, padding, GQA/MQA and up to 8 ranks."""
 
 import itertools
+import types
 
 import pytest
 import torch
 
 import fa2_rules
-from hf_ring_attention import InProcessRing, pad_for_layout
-from hf_ring_attention.kernels import cpu
+from hf_ring_attention import InProcessRing, pad_for_layout, ring_attention
+from hf_ring_attention.kernels import cpu, takes_empty_sequences
 from hf_ring_attention.layout import layout_multiple
 from hf_ring_attention.plan import Call
 from helpers import TOL, assert_close, attention_reference, random_bounds, rel_err
@@ -199,9 +200,27 @@ class Gathering:
         return self.kernel.backward(dout, q, k, v, out, lse, varlen, *args, **kwargs)
 
 
+class KeylessRowsNaN:
+    """``kernel`` writing NaN into the output of every row without keys (flash-attn 4 on SM90 can
+    leave there whatever a neighbouring tile held): the ring must never read such a row."""
+
+    empty_sequences = True
+
+    def __init__(self, kernel):
+        self.name, self.kernel, self.check = f"{kernel.name}, NaN where no keys", kernel, kernel.check
+
+    def forward(self, q, k, v, varlen, *args, **kwargs):
+        out, lse = self.kernel.forward(q, k, v, varlen, *args, **kwargs)
+        keyless = lse.isinf().any(0)
+        return out.masked_fill(keyless[:, None, None], float("nan")), lse
+
+    def backward(self, *args, **kwargs):
+        return self.kernel.backward(*args, **kwargs)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("backend", [cpu, Gathering(cpu), fa2_rules, Gathering(fa2_rules)],
-                         ids=["cpu", "cpu-gathering", "fa2_rules", "fa2_rules-gathering"])
+@pytest.mark.parametrize("backend", [cpu, Gathering(cpu), fa2_rules, KeylessRowsNaN(fa2_rules), Gathering(fa2_rules)],
+                         ids=["cpu", "cpu-gathering", "fa2_rules", "nan-where-no-keys", "fa2_rules-gathering"])
 def test_both_forms_of_a_call_are_exact(layout, backend):
     """Packed documents with layout padding, tiny ones included (one row per piece, where every
     sequence of a call may hold one query): whether a call reads one range per side with its gaps
@@ -219,6 +238,39 @@ def test_both_forms_of_a_call_are_exact(layout, backend):
                                           (True, 3, HEADS["MHA"]), (False, multiple + 1, HEADS["GQA"])):
                 check_ring(padded.cu_seqlens.tolist(), world_size, layout, causal, window, heads, torch.float32,
                            seqused=lengths, backend=backend, head_dim=8)
+
+
+@pytest.mark.parametrize("backend", [KeylessRowsNaN(fa2_rules), Gathering(fa2_rules)], ids=["ranges", "gathered"])
+def test_ring_attention_gives_each_kernel_its_form(backend):
+    """ring_attention itself (one process; padding breaks the ranges even there): a kernel that
+    declares empty sequences reads ranges, one that does not gets gathered rows (Gathering
+    asserts it), and both are exact."""
+    gen = torch.Generator().manual_seed(5)
+    cu, used = torch.tensor([0, 16, 40], dtype=torch.int32), torch.tensor([11, 20], dtype=torch.int32)
+    q, k, v = (torch.randn(40, h, 8, generator=gen, dtype=torch.float64) for h in (4, 2, 2))
+    calls = []
+    spy = types.SimpleNamespace(
+        name=backend.name, check=backend.check, backward=backend.backward,
+        forward=lambda q, k, v, varlen, *a, **kw: calls.append(varlen) or backend.forward(q, k, v, varlen, *a, **kw))
+    if takes_empty_sequences(backend):
+        spy.empty_sequences = True
+    out = ring_attention(q, k, v, cu, seqused=used, backend=spy)
+    ref = attention_reference(q, k, v, cu.tolist(), True, None, used.tolist())
+    assert_close(out, ref, torch.float64)
+    empty = [bool((vl.cu_seqlens_q.diff() == 0).any() or (vl.cu_seqlens_k.diff() == 0).any()) for vl in calls]
+    assert empty == [takes_empty_sequences(backend)]
+
+
+@pytest.mark.parametrize("backend", [fa2_rules, KeylessRowsNaN(fa2_rules), Gathering(fa2_rules)],
+                         ids=["fa2_rules", "nan-where-no-keys", "gathered"])
+def test_calls_with_a_long_gap_gather_and_the_rest_read_ranges(backend):
+    """One padded document is all padding on rank 1: a 300-row gap the ring gathers around rather
+    than turn into an empty sequence; documents of 4 rows per rank around it read ranges."""
+    for causal, window in ((True, None), (False, 3)):
+        check_ring([0, 8, 608, 616], 2, "contiguous", causal, window, HEADS["GQA"], torch.float32,
+                   seqused=[8, 10, 8], backend=backend, head_dim=8)
+        check_ring([0, 8, 608, 616], 2, "zigzag", causal, window, HEADS["MQA"], torch.float32,
+                   seqused=[5, 10, 7], backend=backend, head_dim=8)
 
 
 @pytest.mark.parametrize("case", [

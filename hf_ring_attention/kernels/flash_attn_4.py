@@ -28,10 +28,12 @@ needs a Hopper GPU and the CUDA DSL.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import inspect
 from functools import lru_cache
 
 import torch
+from packaging.version import Version
 
 from .contract import Varlen, capability, cuda_reason, dtype_reason, head_dim_reason
 
@@ -39,8 +41,11 @@ name = "flash_attn_4"
 # Empty sequences (contract.py), read in 4.0.0b36: a query row without keys finishes its softmax
 # with row sum 0, giving out 0 and lse -inf; the backward preprocess zeroes the dq accumulator,
 # and a key tile of a varlen sequence without query blocks writes dk = dv = 0
-# (flash_bwd_sm90.py and flash_bwd_sm100.py, "KV tile with zero Q blocks").
+# (flash_bwd_sm90.py and flash_bwd_sm100.py, "KV tile with zero Q blocks"). Older betas crashed
+# (head_dim 256 backward on SM100) or hung on such sequences (flash-attention #2562, #2568):
+# check() refuses releases before OLDEST.
 empty_sequences = True
+OLDEST = "4.0.0b36"
 
 FORWARD_KEYWORDS = ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k",
                     "softmax_scale", "causal", "window_size_left", "window_size_right", "return_lse")
@@ -79,6 +84,9 @@ def check(device: torch.device, dtype: torch.dtype, head_dim: int, softcap: floa
     error = import_error()
     if error is not None:
         return f"needs flash-attn 4 (pip install flash-attn-4): importing flash_attn.cute.interface failed ({error})"
+    release = _release_reason()
+    if release is not None:
+        return release
     major, minor = capability(device.index)
     if major < 9:
         return f"needs an SM90 (Hopper) or newer GPU for its backward, this one is sm{major}{minor}"
@@ -88,6 +96,20 @@ def check(device: torch.device, dtype: torch.dtype, head_dim: int, softcap: floa
     if reason is None and softcap:
         reason = _softcap_reason(major, head_dim)
     return reason
+
+
+@lru_cache(maxsize=None)
+def _release_reason() -> str | None:
+    """Why the installed flash-attn 4 is too old for this adapter, or None (also when its release
+    is unknown: an install from source, newer than any wheel)."""
+    try:
+        installed = importlib.metadata.version("flash-attn-4")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    if Version(installed) < Version(OLDEST):
+        return (f"needs flash-attn-4 >= {OLDEST} (pip install -U flash-attn-4), found {installed}: older "
+                f"betas take other arguments and crash or hang on the ring's empty sequences")
+    return None
 
 
 def _softcap_reason(major: int, head_dim: int) -> str | None:
