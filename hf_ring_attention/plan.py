@@ -34,8 +34,9 @@ without queries (key rows it must not see)::
 
 Empty sequences add nothing to any result (``contract.py``). They are not free: a flash kernel
 launches ``max_seqlen_q / block`` query blocks for every sequence (most of them exit at once) and
-pads its backward's dq accumulator per sequence, so a call keeps gathering when a gap would be
-longer than its longest sequence rounded up to the kernels' 128-row blocks. Kernels that do not declare that they take empty sequences get
+pads its backward's dq accumulator per sequence. So gaps are cut into pieces no longer than the
+call's longest sequence rounded up to the kernels' 128-row blocks, and a call whose pieces would
+more than triple its sequences keeps gathering its (few) rows. Kernels that do not declare that they take empty sequences get
 gathered rows (:meth:`RingPlan.device_calls`).
 
 flash-attn 2 (the package, and PyTorch's copy of it) rewrites windows against ``max_seqlen_k``:
@@ -584,8 +585,8 @@ class RingPlan:
           sequences becomes a sequence of its own, with no keys (a gap of query rows) or no
           queries (a gap of key rows). Such sequences add nothing to any result: their rows come
           back with lse +-inf (ignored by the merge) and zero gradients. Calls whose key rows do
-          not follow the order of their query rows, or with a gap longer than their longest
-          sequence rounded up to 128 rows (see ``_with_gaps``), keep the other form.
+          not follow the order of their query rows, or whose gaps are long next to their
+          sequences (see ``_with_gaps``), keep the other form.
         * ``empty_sequences=False``: the rows are gathered through an index (and the results
           scattered back), and every sequence has queries and keys.
         """
@@ -610,8 +611,8 @@ def _rows(start: torch.Tensor, stop: torch.Tensor) -> tuple[int, int] | None:
 
 ROW_BLOCK = 128
 """Rows per block of the flash kernels' grids (queries in the forward, keys in the backward, for
-head_dim <= 128 on SM80/SM90): gaps up to the call's longest sequence rounded up to it add no
-block to any sequence."""
+head_dim <= 128 on SM80/SM90): gap pieces up to the call's longest sequence rounded up to it add
+no block to any sequence."""
 
 
 def _round_up(rows: int) -> int:
@@ -620,27 +621,44 @@ def _round_up(rows: int) -> int:
 
 def _with_gaps(call: Call) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The query and key lengths of the call's sequences once every gap between consecutive
-    sequences (query rows, key rows, or both) is a sequence of its own: a gap of query rows
-    without keys, then a gap of key rows without queries, then the sequence itself.
+    sequences (query rows, key rows, or both) is made of sequences of its own: the gap of query
+    rows as sequences without keys, then the gap of key rows as sequences without queries, then
+    the sequence itself.
 
-    None (gather instead) when the key ranges do not follow each other in query order
-    (overlapping or going back), or when a gap would add row blocks to the call: flash kernels
-    launch ``ceil(max_seqlen_q / 128)`` query blocks for *every* sequence (and tile keys the same
-    way in the backward), so a gap longer than the call's longest sequence rounded up to
-    :data:`ROW_BLOCK` rows would multiply the blocks that do nothing, where the call has only a
-    few rows to gather (far steps of a sliding window: short pieces between long gaps)."""
+    Flash kernels launch ``ceil(max_seqlen_q / 128)`` query blocks for *every* sequence (and tile
+    keys the same way in the backward), so a gap is cut into pieces no longer than the call's
+    longest sequence rounded up to :data:`ROW_BLOCK` rows: then no sequence gets more blocks than
+    before. None (gather instead) when the key ranges do not follow each other in query order
+    (overlapping or going back), or when the pieces would more than triple the call's sequences:
+    a few short rows between long gaps (far steps of a sliding window) are cheaper to gather."""
     q0, q1, k0, k1 = call.q0, call.q1, call.k0, call.k1
     if bool((q0[1:] < q1[:-1]).any() or (k0[1:] < k1[:-1]).any()):
         return None
     none = torch.zeros_like(q0)
     q_gap = torch.cat([none[:1], q0[1:] - q1[:-1]])
     k_gap = torch.cat([none[:1], k0[1:] - k1[:-1]])
-    if int(q_gap.max()) > _round_up(call.max_seqlen_q) or int(k_gap.max()) > _round_up(call.max_seqlen_k):
+    q_block, k_block = _round_up(call.max_seqlen_q), _round_up(call.max_seqlen_k)
+    q_pieces, k_pieces = _ceil_div(q_gap, q_block), _ceil_div(k_gap, k_block)
+    if int(q_pieces.sum() + k_pieces.sum()) > 2 * len(q0):
         return None
-    lq = torch.stack([q_gap, none, q1 - q0], 1).flatten()
-    lk = torch.stack([none, k_gap, k1 - k0], 1).flatten()
-    keep = (lq > 0) | (lk > 0)
-    return lq[keep], lk[keep]
+    # every sequence, in order: (segment i, kind 0: query gap piece, 1: key gap piece, 2: itself)
+    q_lengths = _pieces(q_gap, q_pieces, q_block)
+    k_lengths = _pieces(k_gap, k_pieces, k_block)
+    segment = torch.arange(len(q0))
+    order = torch.cat([segment.repeat_interleave(q_pieces) * 3, segment.repeat_interleave(k_pieces) * 3 + 1,
+                       segment * 3 + 2]).argsort(stable=True)
+    lq = torch.cat([q_lengths, torch.zeros_like(k_lengths), q1 - q0])[order]
+    lk = torch.cat([torch.zeros_like(q_lengths), k_lengths, k1 - k0])[order]
+    return lq, lk
+
+
+def _pieces(gaps: torch.Tensor, pieces: torch.Tensor, block: int) -> torch.Tensor:
+    """The lengths of the pieces every gap is cut into, in order: ``pieces[i]`` pieces of
+    ``block`` rows, the last one shorter when ``block`` does not divide ``gaps[i]``."""
+    lengths = torch.full((int(pieces.sum()),), block, dtype=gaps.dtype)
+    last = pieces.cumsum(0)[pieces > 0] - 1
+    lengths[last] = gaps[pieces > 0] - (pieces[pieces > 0] - 1) * block
+    return lengths
 
 
 def _cumsum(lengths: torch.Tensor) -> torch.Tensor:

@@ -178,19 +178,35 @@ def test_packed_padded_documents_read_their_rows_without_gathering(layout, windo
         assert gathering > 0
 
 
-def test_a_gap_longer_than_the_kernels_row_block_is_gathered_instead():
-    """A document that is all padding on rank 1 leaves a 300-row gap between two 4-row pieces (290
-    rows on rank 0): as an empty sequence it would give every sequence of the call three 128-row
-    blocks instead of one, so such calls gather their few rows, and the result is exact."""
-    bounds, used = [0, 8, 608, 616], [8, 10, 8]
-    count, gathering = device_covered(bounds, 2, "contiguous", True, None, used, True)
-    assert gathering == 3  # rank 0's step 0, rank 1's steps 0 and 1
-    assert torch.equal(count, true_mask(bounds, True, None, used).long())
-    plan = RingPlan(bounds, world_size=2, rank=1, layout="contiguous", seqused=used)
+def _padded(lengths_used):
+    """bounds and seqused of documents given as (length, real tokens)."""
+    bounds = [0] + torch.tensor([n for n, _ in lengths_used]).cumsum(0).tolist()
+    return bounds, [u for _, u in lengths_used]
+
+
+def test_long_gaps_are_cut_into_row_blocks_or_gathered_around():
+    """A document that is all padding on rank 1 leaves a 300-row gap between 4-row pieces. Cut
+    into pieces of at most 128 rows (the longest sequence's row blocks), it adds 6 sequences: fine
+    next to 10 sequences, more than tripling 2, where the call gathers its 8 rows instead. Exact
+    either way."""
+    between = _padded([(8, 8)] * 5 + [(600, 10)] + [(8, 8)] * 5)
+    alone = _padded([(8, 8), (600, 10), (8, 8)])
+    # alone: rank 1's two steps gather; rank 0's step 0 (three sequences, a 290-row gap) cuts it
+    for (bounds, used), gathered in ((between, 0), (alone, 2)):
+        count, gathering = device_covered(bounds, 2, "contiguous", True, None, used, True)
+        assert gathering == gathered
+        assert torch.equal(count, true_mask(bounds, True, None, used).long())
+    plan = RingPlan(between[0], world_size=2, rank=1, layout="contiguous", seqused=between[1])
+    calls = [c for step in plan.device_calls("cpu") for c in step]
+    assert all(c.q_rows.index is None and (c.q_rows.start, c.q_rows.stop) == (0, 340) for c in calls)
+    pieces = [4] * 5 + [128, 128, 44] + [0] * 3 + [4] * 5  # lq of every sequence
+    assert [c.varlen.cu_seqlens_q.diff().tolist() for c in calls] == [pieces] * 2
+    assert all((c.varlen.max_seqlen_q, c.varlen.max_seqlen_k) == (128, 128) for c in calls)
+    plan = RingPlan(alone[0], world_size=2, rank=1, layout="contiguous", seqused=alone[1])
     calls = [c for step in plan.device_calls("cpu") for c in step]
     assert [c.q_rows.index.tolist() for c in calls] == [[0, 1, 2, 3, 304, 305, 306, 307]] * 2
-    # a 100-row gap fits in the longest sequence's 128-row block: a range and an empty sequence
-    bounds, used = [0, 8, 208, 216], [8, 10, 8]
+    # a 100-row gap: one piece each side, a range
+    bounds, used = _padded([(8, 8), (200, 10), (8, 8)])
     plan = RingPlan(bounds, world_size=2, rank=1, layout="contiguous", seqused=used)
     calls = [c for step in plan.device_calls("cpu") for c in step]
     assert all(c.q_rows.index is None and (c.q_rows.start, c.q_rows.stop) == (0, 108) for c in calls)

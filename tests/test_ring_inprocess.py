@@ -263,14 +263,16 @@ def test_ring_attention_gives_each_kernel_its_form(backend):
 
 @pytest.mark.parametrize("backend", [fa2_rules, KeylessRowsNaN(fa2_rules), Gathering(fa2_rules)],
                          ids=["fa2_rules", "nan-where-no-keys", "gathered"])
-def test_calls_with_a_long_gap_gather_and_the_rest_read_ranges(backend):
-    """One padded document is all padding on rank 1: a 300-row gap the ring gathers around rather
-    than turn into an empty sequence; documents of 4 rows per rank around it read ranges."""
-    for causal, window in ((True, None), (False, 3)):
-        check_ring([0, 8, 608, 616], 2, "contiguous", causal, window, HEADS["GQA"], torch.float32,
-                   seqused=[8, 10, 8], backend=backend, head_dim=8)
-        check_ring([0, 8, 608, 616], 2, "zigzag", causal, window, HEADS["MQA"], torch.float32,
-                   seqused=[5, 10, 7], backend=backend, head_dim=8)
+def test_calls_with_a_long_gap_cut_it_or_gather(backend):
+    """One padded document is all padding on rank 1: a 300-row gap, cut into 128-row empty
+    sequences between ten short documents, gathered around between two."""
+    alone = [0, 8, 608, 616], [8, 10, 8], [5, 10, 7]
+    between = [0, 8, 16, 24, 624, 632, 640, 648], [8, 8, 8, 10, 8, 8, 8], [7, 8, 1, 10, 8, 3, 8]
+    for (bounds, used, zigzag_used), (causal, window) in itertools.product((alone, between), ((True, None), (False, 3))):
+        check_ring(bounds, 2, "contiguous", causal, window, HEADS["GQA"], torch.float32,
+                   seqused=used, backend=backend, head_dim=8)
+        check_ring(bounds, 2, "zigzag", causal, window, HEADS["MQA"], torch.float32,
+                   seqused=zigzag_used, backend=backend, head_dim=8)
 
 
 @pytest.mark.parametrize("case", [
