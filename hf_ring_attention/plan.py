@@ -36,8 +36,8 @@ Empty sequences add nothing to any result (``contract.py``). They are not free: 
 launches ``max_seqlen_q / block`` query blocks for every sequence (most of them exit at once) and
 pads its backward's dq accumulator per sequence. So gaps are cut into pieces no longer than the
 call's longest sequence rounded up to the kernels' 128-row blocks, and a call whose pieces would
-more than triple its sequences keeps gathering its (few) rows. Kernels that do not declare that they take empty sequences get
-gathered rows (:meth:`RingPlan.device_calls`).
+more than triple its sequences keeps gathering its (few) rows. Kernels that do not declare that
+they take empty sequences get gathered rows (:meth:`RingPlan.device_calls`).
 
 flash-attn 2 (the package, and PyTorch's copy of it) rewrites windows against ``max_seqlen_k``:
 a side >= ``max_seqlen_k`` becomes unbounded, and an unbounded side next to a bounded one becomes
