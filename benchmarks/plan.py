@@ -14,6 +14,8 @@ the time to move the plan's index tensors to the device (``RingPlan.upload``; on
 Last, the share of query and key rows, over every call of every timed rank, that the ring
 gathers (``index_select``) and scatters back instead of taking as a view of a contiguous range:
 a call's rows are a range when its segments abut; layout padding and causal crops break them.
+It is reported for both forms of the calls (``RingPlan.device_calls``): with the gaps as empty
+sequences (the built-in backends) and without, with how many more sequences the first form has.
 
     python benchmarks/plan.py --out plan.json
     python benchmarks/plan.py --world-sizes 8 --docs 512        # the target point

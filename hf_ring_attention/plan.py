@@ -527,25 +527,30 @@ class RingPlan:
             size += len(values)
             return size - len(values), size
 
+        def rows(start: torch.Tensor, stop: torch.Tensor, span: tuple[int, int] | None):
+            """``(first, stop, None)`` for a range, else the span of the rows and where their
+            index will be in the buffer."""
+            if span is not None:
+                return *span, None
+            return int(start.min()), int(stop.max()), put(_ranges(start, stop))
+
         def spec(call: Call):
             """Where the call's rows and boundaries will be in the buffer, and its max lengths."""
             max_q, max_k = call.max_seqlen_q, call.max_seqlen_k
-            q_rows, k_rows = _rows(call.q0, call.q1), _rows(call.k0, call.k1)
+            q_span, k_span = _rows(call.q0, call.q1), _rows(call.k0, call.k1)
             lengths = (call.q1 - call.q0, call.k1 - call.k0)
-            if empty_sequences and (q_rows is None or k_rows is None):
+            if empty_sequences and (q_span is None or k_span is None):
                 gaps = _with_gaps(call)
                 if gaps is not None:
                     lengths = gaps
-                    q_rows = int(call.q0[0]), int(call.q1[-1])
-                    k_rows = int(call.k0[0]), int(call.k1[-1])
+                    q_span = int(call.q0[0]), int(call.q1[-1])
+                    k_span = int(call.k0[0]), int(call.k1[-1])
                     # the gaps too (within the same row blocks); >= 2: flash-attn 2 reads
                     # max_seqlen_q == 1 as one query in every sequence
                     max_q = max(int(gaps[0].max()), 2)
                     max_k = max(int(gaps[1].max()), max_q)
-            q_index = None if q_rows is not None else put(_ranges(call.q0, call.q1))
-            k_index = None if k_rows is not None else put(_ranges(call.k0, call.k1))
             return (call.window, max_q, max_k, put(_cumsum(lengths[0])), put(_cumsum(lengths[1])),
-                    (q_rows, q_index, call.q0, call.q1), (k_rows, k_index, call.k0, call.k1))
+                    rows(call.q0, call.q1, q_span), rows(call.k0, call.k1, k_span))
 
         specs = [[spec(call) for call in calls] for calls in self.steps[: self.num_steps]]
         pin = device.type == "cuda" and torch.cuda.is_available()
@@ -560,10 +565,8 @@ class RingPlan:
             return buffer[span[0]:span[1]]
 
         def as_rows(rows_spec) -> Rows:
-            span, index, start, stop = rows_spec
-            if span is not None:
-                return Rows(*span)
-            return Rows(int(start.min()), int(stop.max()), on_device(index))
+            start, stop, index = rows_spec
+            return Rows(start, stop, None if index is None else on_device(index))
 
         self._on_device[device, empty_sequences] = [
             [DeviceCall(as_rows(q_rows), as_rows(k_rows),

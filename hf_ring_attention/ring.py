@@ -273,8 +273,8 @@ def ring_attention_with_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         raise error
     prepare(q.device, q.shape[-1], q.dtype)  # compiles and checks the merge's variant: not mid-ring
     scale = resolve_scale(softmax_scale, q.shape[-1])
-    ring = _Ring(plan.device_calls(q.device, empty_sequences=takes_empty_sequences(kernel)), plan.num_steps, RingComm(group, rank, world_size), kernel, scale,
-                 softcap)
+    calls = plan.device_calls(q.device, empty_sequences=takes_empty_sequences(kernel))
+    ring = _Ring(calls, plan.num_steps, RingComm(group, rank, world_size), kernel, scale, softcap)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     inputs = (q, k, v) if sinks is None else (q, k, v, sinks)
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
